@@ -1,0 +1,183 @@
+"""`genlab <verb>`: a table of verb -> function. Only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .core.errors import GenlabError
+
+log = logging.getLogger("genlab")
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4f}" if abs(x) < 1e5 else f"{x:.4g}"
+    return str(x)
+
+
+# ------------------------------------------------------------------ verbs
+
+
+def cmd_train(a) -> int:
+    from . import api
+
+    run_dir, res = api.train(a.config, a.set, resume=a.resume, overwrite=a.overwrite)
+    val = f", held-out loss {res.val_loss:.4f}" if res.val_loss is not None else ""
+    print(f"trained {run_dir}: {res.step} steps in {res.elapsed_s:.1f}s ({res.stopped_by}){val}")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from . import api
+
+    run = api.load(a.run)
+    controls = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                    repetition_penalty=a.repetition_penalty, stop=tuple(a.stop or ()))
+    prompt = a.prompt
+    if a.stream:
+        it = api.generate(run, prompt, n=a.n, seed=a.seed, stream=True, **controls)
+        current, pending, finished = 0, {}, set()
+        _header(a, 0)
+        sys.stdout.write(prompt)
+        for d in it:  # the first sample streams live; the others print as soon as it is their turn
+            if d.index == current:
+                sys.stdout.write(d.text)
+                sys.stdout.flush()
+            else:
+                pending[d.index] = pending.get(d.index, "") + d.text
+            if d.done:
+                finished.add(d.index)
+            while current in finished:
+                sys.stdout.write("\n")
+                current += 1
+                if current < a.n:
+                    _header(a, current)
+                    sys.stdout.write(prompt + pending.pop(current, ""))
+                    sys.stdout.flush()
+        return 0
+    for i, text in enumerate(api.generate(run, prompt, n=a.n, seed=a.seed, **controls)):
+        _header(a, i)
+        print(prompt + text)
+    return 0
+
+
+def _header(a, i):
+    if a.n > 1:
+        sys.stdout.write(f"--- sample {i + 1}/{a.n} ---\n")
+
+
+def cmd_eval(a) -> int:
+    from . import api
+
+    res = api.evaluate(a.run, max_tokens=a.max_tokens)
+    if a.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    for k in ("run", "family", "parameters", "tokenizer", "context", "heldout_tokens", "loss_nats_per_token",
+              "perplexity", "bits_per_token", "bits_per_char"):
+        print(f"{k:22s} {_fmt(res[k])}")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from . import api
+    from .adapt.hf import export_hf
+
+    out = export_hf(api.load(a.run), a.out)
+    print(f"exported {a.run} as a Hugging Face GPT-2 folder: {out}")
+    print(f"load it with: transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import run_demo
+
+    report = run_demo(Path(a.out), gpt_minutes=a.minutes, print_fn=print)
+    print(f"\nruns and report written to {report.parent}/ (report: {report})")
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="genlab", description="Train, sample and measure generative models on a CPU.",
+                                formatter_class=fmt)
+    p.add_argument("--version", action="version", version=_version())
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    t = sub.add_parser("train", help="train a run from a TOML config", formatter_class=fmt,
+                       description="Train a run from a TOML config (see configs/). The run goes to out_dir/name.")
+    t.add_argument("config", help="path to a TOML run config, e.g. configs/gpt/shakespeare_char.toml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    t.set_defaults(fn=cmd_train)
+
+    g = sub.add_parser("generate", help="generate text from a language-model run", formatter_class=fmt,
+                       description="Continue a prompt with a trained language model (gpt or ngram).")
+    g.add_argument("run", help="run folder, e.g. runs/shakespeare_char")
+    g.add_argument("--prompt", default="", help="text to continue ('' starts from a newline / end-of-text)")
+    g.add_argument("-n", type=int, default=1, help="number of samples")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; >1 flatter, <1 sharper")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the smallest set with mass p (1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    g.add_argument("--stop", action="append", metavar="TEXT", help="stop a sample at this text (repeatable)")
+    g.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
+    g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    g.set_defaults(fn=cmd_generate)
+
+    e = sub.add_parser("eval", help="held-out loss, perplexity and bits of a run", formatter_class=fmt,
+                       description="Evaluate a run on the held-out split of its own data.")
+    e.add_argument("run", help="run folder")
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens (default all)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="export a run to another library's format", formatter_class=fmt,
+                       description="Export a gpt run as a Hugging Face GPT-2 folder.")
+    x.add_argument("run", help="run folder")
+    x.add_argument("out", help="output folder")
+    x.add_argument("--format", choices=["hf"], default="hf", help="target format")
+    x.set_defaults(fn=cmd_export)
+
+    d = sub.add_parser("demo", help="the main job: n-gram vs GPT on Shakespeare", formatter_class=fmt,
+                       description="Train the n-gram baseline and a GPT on Shakespeare, compare them on held-out "
+                                   "text, sample, and write a report.")
+    d.add_argument("--out", default="demo_out", help="folder for the runs and report.md")
+    d.add_argument("--minutes", type=float, default=4.0, help="GPT training budget in minutes")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"genlab {__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.fn(args)
+    except GenlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

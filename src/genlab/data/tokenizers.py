@@ -1,0 +1,148 @@
+"""Tokenizers: character-level (exact, reports what it cannot encode) and byte-level BPE trained with the
+`tokenizers` library (round-trips any UTF-8 text). Both save to and load from `tokenizer.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..core.checkpoint import atomic_write_text
+from ..core.errors import CheckpointError, ConfigError, DataError
+
+
+class Tokenizer(Protocol):
+    kind: str
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids) -> str: ...
+
+    def to_json(self) -> str: ...
+
+
+class CharTokenizer:
+    """One token per Unicode character, over the characters seen in the training text."""
+
+    kind = "char"
+
+    def __init__(self, chars: str):
+        if not chars:
+            raise DataError("cannot build a character vocabulary from empty text")
+        self.chars = chars
+        self.vocab_size = len(chars)
+        self._stoi = {c: i for i, c in enumerate(chars)}
+        cps = np.array([ord(c) for c in chars], dtype=np.int64)
+        self._order = np.argsort(cps)
+        self._sorted_cps = cps[self._order]
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """Vectorised encode for long texts: (N,) int64."""
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        pos = np.searchsorted(self._sorted_cps, cps).clip(max=len(self._sorted_cps) - 1)
+        bad = self._sorted_cps[pos] != cps
+        if bad.any():
+            missing = sorted({chr(c) for c in cps[bad][:10000]})
+            shown = ", ".join(repr(c) for c in missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise DataError(
+                f"cannot encode {int(bad.sum())} character(s) not in the {self.vocab_size}-character vocabulary "
+                f"of this tokenizer: {shown}"
+            )
+        return self._order[pos]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"genlab_tokenizer": "char", "chars": self.chars}, ensure_ascii=False)
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style) trained with Hugging Face `tokenizers`; the file is the library's own."""
+
+    kind = "bpe"
+    EOS = "<|endoftext|>"
+
+    def __init__(self, tok):
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: list[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < 257 or vocab_size > 1_000_000:
+            raise ConfigError(f"data.vocab_size={vocab_size}: byte-level BPE needs 257 <= vocab_size <= 1000000")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[cls.EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        chunks = text.splitlines(keepends=True) or [text]
+        # encode in pieces (fast, parallel); byte-level pre-tokenization never merges across a newline
+        out = self._tok.encode_batch(chunks, add_special_tokens=False)
+        if not out:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in out])
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        return self._tok.to_str()
+
+
+def train_tokenizer(kind: str, text: str, *, vocab_size: int = 1024) -> Tokenizer:
+    if kind == "char":
+        return CharTokenizer.train(text)
+    if kind == "bpe":
+        return BPETokenizer.train(text.splitlines(keepends=True), vocab_size)
+    raise ConfigError(f"unknown tokenizer {kind!r}; known: bpe, char")
+
+
+def tokenizer_from_json(text: str, where: str = "tokenizer") -> Tokenizer:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{where} is corrupt (not valid JSON: {e})") from None
+    if isinstance(obj, dict) and obj.get("genlab_tokenizer") == "char":
+        return CharTokenizer(obj["chars"])
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return BPETokenizer(HFTokenizer.from_str(text))
+    except Exception as e:
+        raise CheckpointError(f"{where} is not a tokenizer file genlab can read ({e})") from None
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    atomic_write_text(path, tok.to_json())
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"tokenizer not found: {path}")
+    return tokenizer_from_json(path.read_text(encoding="utf-8"), str(path))

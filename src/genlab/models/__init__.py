@@ -1,0 +1,72 @@
+"""Model families. Each file registers one family with its config class and presets (DESIGN.md 2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..core.config import from_dict, to_dict
+from ..core.errors import ConfigError
+from ..core.registry import Registry
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    config_cls: type
+    model_cls: type
+    presets: dict[str, dict[str, Any]]
+    modality: str  # "text" or "image"
+
+
+MODELS: Registry[Family] = Registry("model family")
+
+
+def register_family(name: str, config_cls: type, presets: dict[str, dict[str, Any]], modality: str):
+    if "tiny" not in presets:
+        raise ValueError(f"family {name} must define a 'tiny' preset")
+
+    def deco(model_cls):
+        MODELS.register(name)(Family(name, config_cls, model_cls, presets, modality))
+        return model_cls
+
+    return deco
+
+
+def build_config(section: dict[str, Any]):
+    """`{"family": "gpt", "preset": "baby", "n_layer": 2, ...}` -> the family's frozen config."""
+    section = dict(section)
+    name = section.pop("family", None)
+    if not name:
+        raise ConfigError(f"model.family is required; known: {', '.join(MODELS.names())}")
+    fam = MODELS.get(name)
+    preset = section.pop("preset", None)
+    fields: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in fam.presets:
+            raise ConfigError(f"unknown preset {preset!r} for {name}; known: {', '.join(sorted(fam.presets))}")
+        fields.update(fam.presets[preset])
+    fields.update(section)
+    return from_dict(fam.config_cls, fields, prefix="model.")
+
+
+def build_model(cfg):
+    return MODELS.get(cfg.family).model_cls(cfg)
+
+
+def config_dict(cfg) -> dict[str, Any]:
+    d = to_dict(cfg)
+    d.pop("family", None)
+    return d
+
+
+def config_from_saved(family: str, d: dict[str, Any]):
+    return from_dict(MODELS.get(family).config_cls, d, prefix="model.")
+
+
+def replace(cfg, **changes):
+    return dataclasses.replace(cfg, **changes)
+
+
+from . import gpt, ngram  # noqa: E402,F401  (registration)

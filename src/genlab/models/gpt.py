@@ -1,0 +1,154 @@
+"""GPT: a decoder-only Transformer with the GPT-2 architecture (Radford et al. 2019).
+
+Learned positions, pre-LayerNorm blocks, GELU MLP, causal scaled-dot-product attention and an
+output head tied to the token embedding. Names follow GPT-2 (wte, wpe, h.i.ln_1, attn.c_attn, ...) so
+weights map one-to-one onto `transformers.GPT2LMHeadModel` (see adapt/hf.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import ConfigError
+from ..core.outputs import StepOutput
+from ..nn.attention import CausalSelfAttention, KVCache
+from . import register_family
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    family: str = "gpt"
+    vocab_size: int = 0  # set from the tokenizer
+    block_size: int = 64  # context length
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+
+    def validate(self):
+        for k in ("block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"model.{k}={getattr(self, k)} must be >= 1")
+        if self.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} must be >= 0 (0 = from the tokenizer)")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+PRESETS = {
+    "tiny": dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
+    "baby": dict(block_size=64, n_layer=4, n_head=4, n_embd=128),
+    "small": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, dropout: float, bias: bool):
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="none")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+@register_family("gpt", GPTConfig, PRESETS, modality="text")
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ConfigError("GPT needs model.vocab_size >= 1 (it is normally taken from the tokenizer)")
+        self.config = config
+        self.context_size = config.block_size
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V). With a cache, idx continues the cached tokens."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
+        pos = torch.arange(start, start + T)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+
+    def loss(self, batch) -> StepOutput:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        return StepOutput(loss, {}, n_items=y.numel())
+
+    @torch.no_grad()
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x_1..x_{T-1} | x_0) in nats, (B,). Needs T <= block_size + 1."""
+        logits = self(x[:, :-1]).float()
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+        return lp.sum(dim=1)
+
+    # -- the incremental-decode protocol used by sampling/text.py --
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_head, min(max_len, c.block_size), c.n_embd // c.n_head)
+
+    def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        return self(ids, cache)[:, -1, :]
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None, **controls) -> torch.Tensor:
+        """n unconditional sequences of token ids (B, max_new_tokens), starting from token 0."""
+        from ..sampling.text import generate_ids
+
+        prompts = [[0]] * n
+        out = generate_ids(self, prompts, generator=generator, **controls)
+        return torch.tensor([row for row in out])

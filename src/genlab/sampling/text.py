@@ -1,0 +1,222 @@
+"""Text decoding: a chain of pure logits processors over one generate loop with a KV cache (DESIGN.md 3).
+
+Processors run in the order repetition penalty -> temperature -> top-k -> top-p; temperature 0 means greedy.
+The loop drives any model with the incremental-decode protocol (`new_cache`, `decode`, `context_size`),
+so the GPT and the n-gram baseline share it. Text-level features (stop strings, streaming deltas, batched
+prompts of different lengths) sit on top in `generate_text`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..core.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages repeats (Keskar et al. 2019)
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or not (
+            0 <= self.max_new_tokens <= 1_000_000
+        ):
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens!r} must be an integer in [0, 1000000]")
+        if not self.temperature >= 0 or self.temperature > 1e4:  # also rejects NaN
+            raise ConfigError(f"temperature={self.temperature} must be in [0, 10000] (0 = greedy)")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1] (1 = off)")
+        if not 0 < self.repetition_penalty <= 100:
+            raise ConfigError(f"repetition_penalty={self.repetition_penalty} must be in (0, 100] (1 = off)")
+        if any(not s for s in self.stop):
+            raise ConfigError("stop strings must be non-empty")
+
+
+# ---- logits processors: pure functions (history (B, L), logits (B, V)) -> logits (B, V) ----
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL (Keskar et al. 2019, eq. 1): divide positive / multiply negative scores of seen tokens."""
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    seen = torch.gather(logits, 1, history)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, history, seen)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature in (0.0, 1.0) else logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of tokens with mass >= p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = probs.cumsum(dim=-1) - probs > p  # mass before this token already reaches p; keeps >= 1 token
+    return logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+
+
+def process(logits: torch.Tensor, history: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+    logits = apply_temperature(logits, cfg.temperature)
+    logits = apply_top_k(logits, cfg.top_k)
+    return apply_top_p(logits, cfg.top_p)
+
+
+def choose(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(torch.softmax(logits.float(), dim=-1), 1, generator=generator).squeeze(1)
+
+
+# ---- the loop ----
+
+def iter_tokens(
+    model, prompt: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None
+) -> Iterator[torch.Tensor]:
+    """Yield the next token (B,) for `max_new_tokens` steps after `prompt` (B, T), T >= 1.
+
+    The KV cache holds the whole window while it fits; past the model's context the window slides
+    exactly (the last `context_size` tokens are re-encoded each step, as a model without a cache would)."""
+    ctx = model.context_size
+    if ctx is not None and prompt.size(1) > ctx:
+        prompt = prompt[:, -ctx:]
+    history = prompt
+    B = prompt.size(0)
+    max_len = prompt.size(1) + cfg.max_new_tokens
+    with torch.inference_mode():
+        cache = model.new_cache(B, max_len if ctx is None else min(max_len, ctx))
+        logits = model.decode(prompt, cache)
+        for i in range(cfg.max_new_tokens):
+            nxt = choose(process(logits, history, cfg), cfg, generator)
+            yield nxt
+            if i + 1 == cfg.max_new_tokens:
+                break
+            history = torch.cat([history, nxt[:, None]], dim=1)
+            if ctx is not None and cache.pos >= ctx:  # window full: slide by re-encoding the last ctx tokens
+                cache = model.new_cache(B, ctx)
+                logits = model.decode(history[:, -ctx:], cache)
+            else:
+                logits = model.decode(nxt[:, None], cache)
+
+
+def generate_ids(model, prompts: list[list[int]], *, generator: torch.Generator | None = None, **controls):
+    """Token-level generation for prompts of equal length: list of new-token lists."""
+    cfg = SamplingConfig(**controls)
+    prompt = torch.tensor(prompts, dtype=torch.long)
+    steps = list(iter_tokens(model, prompt, cfg, generator))
+    return torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]
+
+
+@dataclass
+class TextDelta:
+    """A piece of streamed text: `text` is appended to sample `index`; `done` marks its last piece."""
+
+    index: int
+    text: str
+    done: bool = False
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters might still turn into a stop string or a partial UTF-8 character."""
+    n = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                n = max(n, k)
+                break
+    if text.endswith("\ufffd"):  # an incomplete multi-byte character from byte-level BPE
+        n = max(n, len(text) - len(text.rstrip("\ufffd")))
+    return n
+
+
+def stream_text(
+    model,
+    tokenizer,
+    prompts: list[str],
+    cfg: SamplingConfig,
+    *,
+    generator: torch.Generator | None = None,
+    start_id: int = 0,
+    eos_id: int | None = None,
+) -> Iterator[TextDelta]:
+    """Generate a continuation of each prompt, streaming `TextDelta`s as the tokens arrive.
+
+    Prompts of equal token length are batched together; stop strings end a sample (the stop string is
+    not included); an `eos_id` token ends it too."""
+    encoded = []
+    warned = False
+    for p in prompts:
+        ids = tokenizer.encode(p) if p else [start_id]
+        ctx = model.context_size
+        if ctx is not None and len(ids) > ctx:
+            if not warned:
+                log.warning("prompt of %d tokens is longer than the context (%d): keeping the last %d", len(ids),
+                            ctx, ctx)
+                warned = True
+            ids = ids[-ctx:]
+        encoded.append(ids)
+    groups: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        groups.setdefault(len(ids), []).append(i)
+    for length in sorted(groups):
+        rows = groups[length]
+        prompt = torch.tensor([encoded[i] for i in rows], dtype=torch.long)
+        new: list[list[int]] = [[] for _ in rows]
+        emitted = [0] * len(rows)
+        done = [False] * len(rows)
+        for tok in iter_tokens(model, prompt, cfg, generator):
+            for r, t in enumerate(tok.tolist()):
+                if done[r]:
+                    continue
+                if eos_id is not None and t == eos_id:
+                    done[r] = True
+                    text = tokenizer.decode(new[r])
+                    yield TextDelta(rows[r], text[emitted[r]:], done=True)
+                    continue
+                new[r].append(t)
+                text = tokenizer.decode(new[r])
+                hits = [text.find(s, max(emitted[r] - len(s), 0)) for s in cfg.stop]
+                hits = [h for h in hits if h >= 0]
+                if hits:
+                    done[r] = True
+                    yield TextDelta(rows[r], text[emitted[r]: min(hits)], done=True)
+                    continue
+                safe = len(text) - _held_back(text, cfg.stop)
+                if safe > emitted[r]:
+                    yield TextDelta(rows[r], text[emitted[r]:safe])
+                    emitted[r] = safe
+            if all(done):
+                break
+        for r in range(len(rows)):
+            if not done[r]:
+                text = tokenizer.decode(new[r])
+                yield TextDelta(rows[r], text[emitted[r]:], done=True)
+
+
+def generate_text(model, tokenizer, prompts: list[str], cfg: SamplingConfig, **kw) -> list[str]:
+    out = [""] * len(prompts)
+    for d in stream_text(model, tokenizer, prompts, cfg, **kw):
+        out[d.index] += d.text
+    return out

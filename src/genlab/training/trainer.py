@@ -1,0 +1,348 @@
+"""The one training loop: `fit(model, data, cfg)` for every family (DESIGN.md 2).
+
+It owns precision, gradient accumulation, clipping, the LR schedule, the step/time budget, EMA, the
+NaN guard, periodic held-out evaluation, checkpoint/resume and the progress bar. It knows nothing of a
+family's loss: the model's `loss(batch)` returns a `StepOutput`. Families estimated in closed form
+(`HasClosedFormFit`, the n-gram) are fitted once and then evaluated and saved through the same path.
+
+Resume is exact: the trainer state holds the raw and EMA weights, optimizer moments, step, elapsed time
+and the states of the data generator and the global RNG (dropout), so a run killed at any moment and
+resumed reaches the same weights as an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import checkpoint as ckpt
+from ..core.config import to_dict
+from ..core.errors import CheckpointError, ConfigError, TrainingDiverged
+from ..core.protocols import HasClosedFormFit
+from . import callbacks as cb
+from .optim import adamw, lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps; 0 = no step limit (then max_minutes is required)
+    max_minutes: float = 0.0  # wall-clock training budget; 0 = none
+    batch_size: int = 32  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 = off
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast; fast on CPUs with AVX512-BF16)
+    ema: float = 0.0  # EMA decay of the weights that are saved and evaluated; 0 = off
+    eval_every: int = 250  # steps; 0 = only at the end
+    eval_batches: int = 20  # held-out batches per evaluation
+    checkpoint_every: int = 500  # steps; 0 = only at the end
+    log_every: int = 10
+    progress: bool = True  # progress bar on stderr
+
+    def validate(self):
+        checks = [
+            ("max_steps", self.max_steps >= 0, ">= 0"),
+            ("max_minutes", self.max_minutes >= 0, ">= 0"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("grad_accum", self.grad_accum >= 1, ">= 1"),
+            ("lr", 0 < self.lr < 10, "in (0, 10)"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
+            ("precision", self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'"),
+            ("ema", 0 <= self.ema < 1, "in [0, 1) (0 = off)"),
+            ("eval_every", self.eval_every >= 0, ">= 0"),
+            ("eval_batches", self.eval_batches >= 1, ">= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
+            ("log_every", self.log_every >= 1, ">= 1"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"train.{key}={getattr(self, key)!r} must be {allowed}")
+        if self.max_steps == 0 and self.max_minutes == 0:
+            raise ConfigError("set a budget: train.max_steps > 0 or train.max_minutes > 0")
+
+
+@dataclass
+class FitResult:
+    step: int
+    elapsed_s: float
+    train_loss: float | None
+    val_loss: float | None
+    stopped_by: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: list, precision: str = "fp32") -> float:
+    """Mean held-out loss per item (token, pixel...) over fixed batches."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        with _autocast(precision):
+            for batch in batches:
+                out = model.loss(batch)
+                k = out.n_items or 1
+                total += out.loss.float().item() * k
+                n += k
+    finally:
+        model.train(was_training)
+    return total / max(n, 1)
+
+
+def _autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+def _finite(x: float) -> bool:
+    return not (math.isnan(x) or math.isinf(x))
+
+
+class _Metrics:
+    """metrics.jsonl: one JSON object per line, flushed as written; trimmed back on resume."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._f = None
+
+    def open(self, keep_until_step: int | None):
+        if self.path is None:
+            return
+        if keep_until_step is None:
+            ckpt.atomic_write_text(self.path, "")
+        elif self.path.exists():
+            kept = []
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if rec.get("step", 0) <= keep_until_step:
+                    kept.append(line)
+            ckpt.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, rec: dict[str, Any]):
+        if self._f is not None:
+            self._f.write(json.dumps(rec) + "\n")
+            self._f.flush()
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+
+
+def fit(
+    model: nn.Module,
+    data,
+    cfg: TrainConfig,
+    *,
+    run_dir: str | Path | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    callbacks=(),
+) -> FitResult:
+    """Train `model` on `data` (a BatchSource) under `cfg`. With `run_dir`, checkpoints go there."""
+    run_dir = Path(run_dir) if run_dir is not None else None
+    if resume and run_dir is None:
+        raise ConfigError("resume needs a run folder")
+    with torch.random.fork_rng(devices=[]):  # seed dropout without touching the caller's global RNG
+        torch.manual_seed(seed)
+        if isinstance(model, HasClosedFormFit):
+            return _fit_closed_form(model, data, cfg, run_dir, callbacks)
+        return _fit_gradient(model, data, cfg, run_dir, seed, resume, callbacks)
+
+
+def _fit_closed_form(model, data, cfg, run_dir, callbacks) -> FitResult:
+    t0 = time.perf_counter()
+    stats = model.fit_data(data)
+    elapsed = time.perf_counter() - t0
+    val = evaluate_loss(model, data.eval_batches(cfg.batch_size, cfg.eval_batches))
+    rec = {"step": 1, "time_s": round(elapsed, 3), "val_loss": val, **stats}
+    metrics = _Metrics(run_dir / ckpt.METRICS if run_dir else None)
+    metrics.open(None)
+    metrics.write(rec)
+    metrics.close()
+    cb.call(callbacks, "on_log", rec)
+    if run_dir is not None:
+        ckpt.save_weights(run_dir / ckpt.WEIGHTS, model)
+        ckpt.save_trainer_state(run_dir / ckpt.TRAINER_STATE, {"step": 1, "elapsed_s": elapsed, "done": True})
+        cb.call(callbacks, "on_checkpoint", 1, run_dir)
+    return FitResult(1, elapsed, None, val, "closed_form", [rec])
+
+
+def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callbacks) -> FitResult:
+    model.train()
+    opt = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    ema_model = None
+    if cfg.ema > 0:
+        ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    step, elapsed = 0, 0.0
+    if resume:
+        state = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE)
+        try:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if ema_model is not None:
+                ema_model.load_state_dict(state["ema"])
+            gen.set_state(state["data_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            step, elapsed = int(state["step"]), float(state["elapsed_s"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(
+                f"{run_dir / ckpt.TRAINER_STATE} does not match this model/config ({str(e)[:200]})"
+            ) from None
+        log.info("resuming %s from step %d", run_dir, step)
+    metrics = _Metrics(run_dir / ckpt.METRICS if run_dir else None)
+    metrics.open(step if resume else None)
+    eval_batches = data.eval_batches(cfg.batch_size, cfg.eval_batches)
+    budget_s = cfg.max_minutes * 60
+
+    def progress_of(step, elapsed):
+        parts = []
+        if cfg.max_steps:
+            parts.append(step / cfg.max_steps)
+        if budget_s:
+            parts.append(elapsed / budget_s)
+        return max(parts)
+
+    def save(step, elapsed):
+        if run_dir is None:
+            return
+        ckpt.save_trainer_state(
+            run_dir / ckpt.TRAINER_STATE,
+            {
+                "step": step,
+                "elapsed_s": elapsed,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "ema": ema_model.state_dict() if ema_model is not None else {},
+                "data_rng": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "train_config": to_dict(cfg),
+            },
+        )
+        ckpt.save_weights(run_dir / ckpt.WEIGHTS, ema_model if ema_model is not None else model)
+        cb.call(callbacks, "on_checkpoint", step, run_dir)
+
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps or None, initial=step, file=sys.stderr, dynamic_ncols=True,
+                   desc="train", unit="step", leave=True)
+    history: list[dict[str, Any]] = []
+    last_train, last_val, stopped_by = None, None, ""
+    last_ckpt = step if resume else None
+    window_items, window_t = 0, time.perf_counter()
+    seg_start = time.perf_counter() - elapsed  # wall clock of this segment, offset by time already spent
+    try:
+        while True:
+            elapsed = time.perf_counter() - seg_start
+            if cfg.max_steps and step >= cfg.max_steps:
+                stopped_by = "max_steps"
+                break
+            if budget_s and elapsed >= budget_s:
+                stopped_by = "max_minutes"
+                break
+            lr = lr_at(progress_of(step, elapsed), step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                       min_lr_ratio=cfg.min_lr_ratio)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_sum, items = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch = data.train_batch(cfg.batch_size, gen)
+                with _autocast(cfg.precision):
+                    out = model.loss(batch)
+                loss_val = out.loss.item()
+                if not _finite(loss_val):
+                    raise _diverged(loss_val, step, last_ckpt, run_dir)
+                (out.loss / cfg.grad_accum).backward()
+                loss_sum += loss_val
+                items += out.n_items
+            gnorm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip else 0.0
+            )
+            if not _finite(gnorm):
+                raise _diverged(gnorm, step, last_ckpt, run_dir, what="gradient norm")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema_model is not None:
+                ema_p = list(ema_model.parameters())
+                torch._foreach_lerp_(ema_p, list(model.parameters()), 1 - cfg.ema)
+                for b_ema, b in zip(ema_model.buffers(), model.buffers(), strict=True):
+                    b_ema.copy_(b)
+            step += 1
+            last_train = loss_sum / cfg.grad_accum
+            window_items += items
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.log_every == 0:
+                now = time.perf_counter()
+                rate = window_items / max(now - window_t, 1e-9)
+                window_items, window_t = 0, now
+                rec = {"step": step, "time_s": round(now - seg_start, 3), "train_loss": round(last_train, 5),
+                       "lr": lr, "grad_norm": round(gnorm, 4), "items_per_s": round(rate, 1)}
+                metrics.write(rec)
+                history.append(rec)
+                cb.call(callbacks, "on_log", rec)
+                if bar is not None:
+                    left = f"{max(budget_s - (now - seg_start), 0):.0f}s" if budget_s else None
+                    bar.set_postfix(loss=f"{last_train:.3f}", items_s=f"{rate:.0f}", **({"left": left} if left else {}))
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                last_val = _eval(ema_model or model, eval_batches, cfg, step, seg_start, metrics, history, callbacks)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                save(step, time.perf_counter() - seg_start)
+                last_ckpt = step
+        elapsed = time.perf_counter() - seg_start
+        if not (cfg.eval_every and step % cfg.eval_every == 0 and last_val is not None):
+            last_val = _eval(ema_model or model, eval_batches, cfg, step, seg_start, metrics, history, callbacks)
+        if last_ckpt != step:
+            save(step, elapsed)
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+    return FitResult(step, elapsed, last_train, last_val, stopped_by, history)
+
+
+def _eval(model, batches, cfg, step, seg_start, metrics, history, callbacks) -> float:
+    val = evaluate_loss(model, batches, cfg.precision)
+    rec = {"step": step, "time_s": round(time.perf_counter() - seg_start, 3), "val_loss": round(val, 5)}
+    metrics.write(rec)
+    history.append(rec)
+    cb.call(callbacks, "on_log", rec)
+    return val
+
+
+def _diverged(value, step, last_ckpt, run_dir, what="loss") -> TrainingDiverged:
+    kept = (
+        f"the last good checkpoint (step {last_ckpt}) is kept in {run_dir}"
+        if last_ckpt is not None and run_dir is not None
+        else "no checkpoint had been written yet"
+    )
+    return TrainingDiverged(f"{what} became {value} at step {step + 1}; training stopped and {kept}. "
+                            "Try a lower train.lr, train.grad_clip > 0, or train.precision='fp32'")
