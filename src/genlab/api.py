@@ -125,21 +125,22 @@ def train(
         raise ConfigError(f"model.vocab_size={given} but the tokenizer has {tokenizer.vocab_size} tokens; "
                           "leave model.vocab_size unset")
     model_cfg = replace(model_cfg0, vocab_size=tokenizer.vocab_size)
-    model = build_model(model_cfg)
+    with torch.random.fork_rng(devices=[]):  # the seed fixes the initial weights too
+        torch.manual_seed(rc.seed)
+        model = build_model(model_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         ckpt.atomic_write_json(run_dir / ckpt.TRAIN_CONFIG, to_dict(rc))
         save_tokenizer(tokenizer, run_dir / ckpt.TOKENIZER)
         ckpt.write_model_config(run_dir, model_cfg.family, config_dict(model_cfg))
-    log.info("training %s (%s, %s parameters) in %s", rc.name, model_cfg.family,
-             f"{sum(p.numel() for p in model.parameters()):,}", run_dir)
+    log.info("training %s (%s) in %s", rc.name, model_cfg.family, run_dir)
     result = fit(model, data, rc.train, run_dir=run_dir, seed=rc.seed, resume=resume, callbacks=callbacks)
     if resume:  # the budget may have been extended
         ckpt.atomic_write_json(run_dir / ckpt.TRAIN_CONFIG, to_dict(rc))
     return run_dir, result
 
 
-_RESUMABLE_CHANGES = {"train.max_steps", "train.max_minutes", "train.progress", "train.log_every"}
+_RESUMABLE_CHANGES = {"name", "out_dir", "train.max_steps", "train.max_minutes", "train.progress", "train.log_every"}
 
 
 def _check_resume_compatible(saved: dict, now: dict) -> None:
@@ -204,6 +205,13 @@ def load(path: str | Path) -> Run:
     return Run(path, model, tok, rc)
 
 
+def num_params(model) -> int:
+    """Trainable parameters, or the model's own count where it has one (the n-gram's stored statistics)."""
+    if hasattr(model, "num_params"):
+        return int(model.num_params())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def _as_run(run: Run | str | Path) -> Run:
     return run if isinstance(run, Run) else load(run)
 
@@ -263,8 +271,7 @@ def evaluate(run: Run | str | Path, *, max_tokens: int | None = None) -> dict[st
     return {
         "run": str(run.path),
         "family": run.family,
-        "parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad) if run.family != "ngram"
-        else int(sum(b.numel() for b in run.model.buffers())),
+        "parameters": num_params(run.model),
         "heldout_tokens": n_tokens,
         "heldout_fraction_covered": round(covered, 4),
         "loss_nats_per_token": loss,

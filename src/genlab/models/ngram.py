@@ -81,6 +81,10 @@ class NGram(nn.Module):
                 self._buffers[name] = torch.empty_like(state_dict[prefix + name])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def num_params(self) -> int:
+        """Stored statistics: one count per distinct n-gram of every order."""
+        return sum(len(getattr(self, f"keys{k}")) for k in range(1, self.config.order + 1))
+
     # ---- estimation ----
     @torch.no_grad()
     def fit_data(self, data) -> dict[str, float]:

@@ -168,6 +168,10 @@ def fit(
     run_dir = Path(run_dir) if run_dir is not None else None
     if resume and run_dir is None:
         raise ConfigError("resume needs a run folder")
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.glob(".*.tmp"):  # left by a process killed in the middle of a write
+            stale.unlink(missing_ok=True)
     with torch.random.fork_rng(devices=[]):  # seed dropout without touching the caller's global RNG
         torch.manual_seed(seed)
         if isinstance(model, HasClosedFormFit):

