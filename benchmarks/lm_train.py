@@ -173,6 +173,34 @@ class Runner:
         return {"total_s": total, "phases_ms_per_step": {k: 1e3 * v / n for k, v in ph.items()}}
 
 
+def _busy_jiffies() -> int | None:
+    """Busy CPU time of the whole machine in clock ticks (user+nice+system+irq+softirq+steal), or None."""
+    try:
+        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)
+
+
+class Contention:
+    """CPU seconds that OTHER processes used while the block ran, as a fraction of the block's wall time per
+    core: 0 on a quiet machine; 0.5 means another process took half of the cores' time."""
+
+    def __enter__(self):
+        self.j0, self.o0, self.t0 = _busy_jiffies(), os.times(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        j1, o1, t1 = _busy_jiffies(), os.times(), time.perf_counter()
+        if self.j0 is None or j1 is None:
+            self.frac = None
+            return
+        hz = os.sysconf("SC_CLK_TCK")
+        own = (o1.user - self.o0.user) + (o1.system - self.o0.system)
+        foreign = (j1 - self.j0) / hz - own
+        self.frac = max(0.0, foreign) / ((t1 - self.t0) * (os.cpu_count() or 1))
+
+
 def make_batches(batch: int, T: int, n: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1234)
     out = []
@@ -209,12 +237,15 @@ def bench_config(batch: int, precision: str, *, repeats: int, target_s: float, w
     n_steps = max(2, round(target_s / max(step_s.values())))
 
     per = {r.name: [] for r in runners}
+    foreign = []
     for rep in range(repeats):
         order = runners if rep % 2 == 0 else runners[::-1]  # interleave A B, B A, ...
-        for r in order:
-            res = r.steps(n_steps)
-            res["tokens_per_s"] = n_steps * tokens_per_step / res["total_s"]
-            per[r.name].append(res)
+        with Contention() as c:
+            for r in order:
+                res = r.steps(n_steps)
+                res["tokens_per_s"] = n_steps * tokens_per_step / res["total_s"]
+                per[r.name].append(res)
+        foreign.append(c.frac)
 
     out = {"batch": batch, "context": T, "precision": precision, "tokens_per_step": tokens_per_step,
            "steps_per_repeat": n_steps, "repeats": repeats}
@@ -233,6 +264,7 @@ def bench_config(batch: int, precision: str, *, repeats: int, target_s: float, w
     out["ratio_genlab_over_hf"] = median(paired)
     out["ratio_repeats"] = [round(x, 3) for x in paired]
     out["ratio_of_medians"] = out["genlab"]["tokens_per_s"] / out["hf"]["tokens_per_s"]
+    out["foreign_cpu_frac_repeats"] = [None if f is None else round(f, 3) for f in foreign]
     return out
 
 
@@ -267,7 +299,10 @@ def linear_gflops(m: int, k: int, n: int, precision: str, reps: int) -> float:
 
 
 def peak_sample(n: int, reps: int) -> dict:
-    return {"fp32": matmul_gflops(n, torch.float32, reps), "bf16": matmul_gflops(n, torch.bfloat16, reps)}
+    with Contention() as c:
+        out = {"fp32": matmul_gflops(n, torch.float32, reps), "bf16": matmul_gflops(n, torch.bfloat16, reps)}
+    out["foreign_cpu_frac"] = c.frac
+    return out
 
 
 # ---------------------------------------------------------------------------------------- profiler
@@ -406,7 +441,7 @@ def main(argv=None) -> int:
             results.append(r)
             log(f"B={batch:3d} {prec}: genlab {r['genlab']['tokens_per_s']:9.0f} tok/s  "
                 f"hf {r['hf']['tokens_per_s']:9.0f} tok/s  ratio {r['ratio_genlab_over_hf']:.3f}  "
-                f"(repeats {r['ratio_repeats']})")
+                f"(repeats {r['ratio_repeats']}; other processes' CPU {r['foreign_cpu_frac_repeats']})")
             peaks.append(peak_sample(peak_n, peak_reps))
             log(f"matmul {peak_n}^3: fp32 {peaks[-1]['fp32']:.1f} GFLOP/s  bf16 {peaks[-1]['bf16']:.1f} GFLOP/s")
 
@@ -447,7 +482,8 @@ def main(argv=None) -> int:
         "flops": fpt,
         "matmul_peak_gflops": {"n": peak_n, "reps_per_sample": peak_reps,
                                "fp32": round(peak["fp32"], 1), "bf16": round(peak["bf16"], 1),
-                               "samples": [{k: round(v, 1) for k, v in s.items()} for s in peaks],
+                               "samples": [{k: None if v is None else round(v, 3 if k.startswith("foreign") else 1)
+                                            for k, v in s.items()} for s in peaks],
                                "how": "torch.mm of n x n tensors (fp32; bf16 tensors), median of reps per "
                                       "sample, median of samples taken before/between/after configs"},
         "linear_gflops_at_model_shapes": at_shapes,

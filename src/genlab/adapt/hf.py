@@ -67,7 +67,10 @@ def export_hf(run, out_dir: str | Path) -> Path:
     save_file(gpt2_state_dict(run.model), str(tmp), metadata={"format": "pt"})
     tmp.replace(out / "model.safetensors")
     atomic_write_json(out / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 0})
-    if run.tokenizer is not None:
+    if run.tokenizer is not None and run.tokenizer.kind == "char":
+        # not a Hugging Face tokenizer format: kept under its own name so AutoTokenizer is not misled
+        atomic_write_text(out / "genlab_tokenizer.json", run.tokenizer.to_json())
+    elif run.tokenizer is not None:
         atomic_write_text(out / "tokenizer.json", run.tokenizer.to_json())
         if run.tokenizer.kind == "bpe":
             atomic_write_text(out / "tokenizer_config.json", json.dumps(

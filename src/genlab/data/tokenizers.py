@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -67,6 +68,10 @@ class CharTokenizer:
         return json.dumps({"genlab_tokenizer": "char", "chars": self.chars}, ensure_ascii=False)
 
 
+def _chunks(text: str) -> list[str]:
+    return [c for c in re.split(r"(?<=\n)(?=\S)", text) if c]
+
+
 class BPETokenizer:
     """Byte-level BPE (GPT-2 style) trained with Hugging Face `tokenizers`; the file is the library's own."""
 
@@ -97,8 +102,9 @@ class BPETokenizer:
         return cls(tok)
 
     def encode_array(self, text: str) -> np.ndarray:
-        chunks = text.splitlines(keepends=True) or [text]
-        # encode in pieces (fast, parallel); byte-level pre-tokenization never merges across a newline
+        # encode in pieces (parallel): cut only after a newline followed by a non-space character, where the
+        # GPT-2 pre-tokenizer splits anyway, so the ids equal those of encoding the whole text at once
+        chunks = _chunks(text)
         out = self._tok.encode_batch(chunks, add_special_tokens=False)
         if not out:
             return np.zeros(0, dtype=np.int64)
@@ -118,7 +124,7 @@ def train_tokenizer(kind: str, text: str, *, vocab_size: int = 1024) -> Tokenize
     if kind == "char":
         return CharTokenizer.train(text)
     if kind == "bpe":
-        return BPETokenizer.train(text.splitlines(keepends=True), vocab_size)
+        return BPETokenizer.train(_chunks(text), vocab_size)
     raise ConfigError(f"unknown tokenizer {kind!r}; known: bpe, char")
 
 

@@ -6,7 +6,8 @@ look-ups are `searchsorted` calls and the whole model saves to safetensors like 
   P(w | h) = max(c(h w) - D_k, 0) / c(h .) + D_k * N1+(h .) / c(h .) * P(w | h')      if c(h .) > 0
            = P(w | h')                                                               otherwise
 
-with raw counts at the highest order, continuation counts N1+(. h w) below it, D_k = n1 / (n1 + 2 n2), and
+with raw counts at the highest order, continuation counts N1+(. h w) below it, D_k = n1 / (n1 + 2 n2) (kept
+within [0.05, 0.95]), and
 the unigram level interpolated with the uniform distribution so unseen tokens keep non-zero mass.
 """
 
@@ -21,6 +22,13 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.outputs import StepOutput
 from . import register_family
+
+
+def discount(n1: int, n2: int) -> float:
+    """Ney's absolute discount n1 / (n1 + 2 n2), kept within [0.05, 0.95] so that a small or repetitive corpus
+    (no singletons: D = 0) still leaves probability mass for unseen tokens."""
+    d = n1 / (n1 + 2 * n2) if n1 + 2 * n2 > 0 else 0.5
+    return min(max(d, 0.05), 0.95)
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ class NGram(nn.Module):
             setattr(self, f"keys{k}", uniq)
             setattr(self, f"counts{k}", cnt.double())
             n1, n2 = (cnt == 1).sum().item(), (cnt == 2).sum().item()
-            self.discount[k] = n1 / (n1 + 2 * n2) if n1 + 2 * n2 > 0 else 0.5
+            self.discount[k] = discount(n1, n2)
             if k > 1:
                 ctx, inverse = torch.unique(uniq // V, return_inverse=True)
                 setattr(self, f"ctx_keys{k}", ctx)
@@ -119,7 +127,7 @@ class NGram(nn.Module):
     def _lookup(sorted_keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         if len(sorted_keys) == 0:
             return torch.zeros(q.shape, dtype=torch.float64)
-        i = torch.searchsorted(sorted_keys, q).clamp(max=len(sorted_keys) - 1)
+        i = torch.searchsorted(sorted_keys, q.contiguous()).clamp(max=len(sorted_keys) - 1)
         return torch.where(sorted_keys[i] == q, values[i], torch.zeros((), dtype=values.dtype))
 
     def _prob(self, context: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

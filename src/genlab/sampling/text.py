@@ -73,7 +73,7 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
     probs = torch.softmax(sorted_logits, dim=-1)
-    drop = probs.cumsum(dim=-1) - probs > p  # mass before this token already reaches p; keeps >= 1 token
+    drop = probs.cumsum(dim=-1) - probs >= p  # mass before this token already reaches p; keeps >= 1 token
     return logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
 
 
