@@ -28,13 +28,13 @@ import torch
 
 SHAPES = {
     # the `baby` preset's shape with a context long enough for prompt + 200 new tokens
-    "baby@256": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+    "baby@256": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 256},
     # the `small` preset (6x6x384, ctx 256)
-    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+    "small": {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256},
 }
 MODES = {
-    "sample": dict(temperature=0.8, top_k=20),
-    "greedy": dict(temperature=0.0),
+    "sample": {"temperature": 0.8, "top_k": 20},
+    "greedy": {"temperature": 0.0},
 }
 
 
@@ -79,8 +79,8 @@ def run_hf(model, prompt: torch.Tensor, new: int, mode: dict, seed: int) -> torc
     if mode.get("temperature", 1.0) == 0:
         gc = GenerationConfig(do_sample=False)
     else:
-        gc = GenerationConfig(do_sample=True, temperature=mode["temperature"], top_k=mode.get("top_k", 0) or None,
-                              top_p=mode.get("top_p", 1.0))
+        gc = GenerationConfig(do_sample=True, temperature=mode["temperature"],
+                              top_k=mode.get("top_k", 0) or None, top_p=mode.get("top_p", 1.0))
     gc.max_new_tokens = new
     gc.min_new_tokens = None
     gc.eos_token_id = None  # never stop early: always exactly `new` tokens
@@ -103,9 +103,8 @@ def bench_case(ours, hf, *, vocab: int, batch: int, mode: dict, new: int, prompt
                seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab, (batch, prompt_len), generator=g)
-    for _ in range(1):  # warm-up (allocator, kernels, HF's generation setup)
-        run_genlab(ours, prompt, new, mode, seed)
-        run_hf(hf, prompt, new, mode, seed)
+    run_genlab(ours, prompt, new, mode, seed)  # warm-up (allocator, kernels, HF's generation setup)
+    run_hf(hf, prompt, new, mode, seed)
     t_ours, t_hf = [], []
     for r in range(repeats):  # interleaved, alternating who goes first
         pair = [("ours", run_genlab, ours), ("hf", run_hf, hf)]
@@ -122,13 +121,22 @@ def bench_case(ours, hf, *, vocab: int, batch: int, mode: dict, new: int, prompt
         "genlab_s": t_ours,
         "hf_s": t_hf,
     }
-    res["ratio"] = res["genlab_tok_s"] / res["hf_tok_s"]
+    res["ratio"] = res["genlab_tok_s"] / res["hf_tok_s"]  # of the medians
+    res["ratio_paired_median"] = statistics.median(h / o for o, h in zip(t_ours, t_hf))  # per interleaved pair
     if mode.get("temperature", 1.0) == 0:
         a, b = run_genlab(ours, prompt, new, mode, seed), run_hf(hf, prompt, new, mode, seed)
         same = (a == b).all(dim=0).int()
         first_diff = int(same.argmin()) if not bool(same.all()) else new
         res["greedy_agree_prefix"] = first_diff  # tokens before the first disagreement (fp ties can differ)
     return res
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 def machine_info() -> dict:
@@ -142,7 +150,7 @@ def machine_info() -> dict:
         "genlab": getattr(genlab, "__version__", None),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "processor": platform.processor(),
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "sched_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
@@ -167,17 +175,21 @@ def atomic_write_json(path: Path, obj) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer tokens, repeats and cases")
-    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per generation (default 200)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens per generation (200)")
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats per case (default 5)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    ap.add_argument("--vocabs", type=int, nargs="+", default=None, help="default: 65 (char) and 2048 (BPE-sized)")
+    ap.add_argument("--vocabs", type=int, nargs="+", default=None, help="65 (char) and 2048 (BPE-sized)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "lm_generate.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results/lm_generate.json")
     args = ap.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     new = args.new_tokens or (32 if args.quick else 200)
     repeats = args.repeats or (2 if args.quick else 5)
     vocabs = args.vocabs or ([65] if args.quick else [65, 2048])
@@ -192,6 +204,7 @@ def main(argv=None) -> int:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     rows = []
+    machine = machine_info()
     t_start = time.perf_counter()
     for shape_name in args.shapes:
         for vocab in vocabs:
@@ -202,24 +215,26 @@ def main(argv=None) -> int:
                     res = bench_case(ours, hf, vocab=vocab, batch=batch, mode=MODES[mode_name], new=new,
                                      prompt_len=args.prompt_len, repeats=repeats, seed=args.seed)
                     row = {"shape": shape_name, **SHAPES[shape_name], "vocab": vocab, "params": n_params,
-                           "batch": batch, "mode": mode_name, **MODES[mode_name], "logits_max_abs_diff": err, **res}
+                           "batch": batch, "mode": mode_name, **MODES[mode_name],
+                           "logits_max_abs_diff": err, **res}
                     rows.append(row)
+                    agree = row.get("greedy_agree_prefix")
+                    tail = f"   greedy agree {agree}/{new}" if agree is not None else ""
                     print(f"{shape_name:9s} V={vocab:<5d} B={batch:<3d} {mode_name:6s} "
                           f"genlab {row['genlab_tok_s']:9.0f} tok/s   HF {row['hf_tok_s']:9.0f} tok/s   "
-                          f"ratio {row['ratio']:5.2f}" + (f"   greedy agree {row['greedy_agree_prefix']}/{new}"
-                                                          if "greedy_agree_prefix" in row else ""), flush=True)
+                          f"ratio {row['ratio']:5.2f}{tail}", flush=True)
     result = {
         "benchmark": "lm_generate",
         "what": "new tokens/s with the KV cache, genlab iter_tokens vs transformers GPT2LMHeadModel.generate "
                 "(use_cache=True), identical weights, torch.inference_mode, medians of interleaved repeats",
-        "command": "python benchmarks/lm_generate.py" + (" --quick" if args.quick else ""),
-        "argv": sys.argv[1:] if argv is None else list(argv),
+        "command": " ".join(["python benchmarks/lm_generate.py", *argv_used]),
+        "argv": argv_used,
         "quick": args.quick,
         "new_tokens": new,
         "prompt_len": args.prompt_len,
         "repeats": repeats,
         "hf_attn_implementation": hf.config._attn_implementation,
-        "machine": machine_info(),
+        "machine": {**machine, "loadavg_end": os.getloadavg()},
         "elapsed_s": time.perf_counter() - t_start,
         "results": rows,
     }

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.outputs import StepOutput
-from ..nn.attention import CausalSelfAttention, KVCache
+from ..nn.attention import CausalSelfAttention, KVCache, decode_attention
 from . import register_family
 
 
@@ -140,10 +140,55 @@ class GPT(nn.Module):
     # -- the incremental-decode protocol used by sampling/text.py --
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
-        return KVCache(c.n_layer, batch, c.n_head, min(max_len, c.block_size), c.n_embd // c.n_head)
+        cache = KVCache(c.n_layer, batch, c.n_head, min(max_len, c.block_size), c.n_embd // c.n_head)
+        cache.plan = self._decode_plan()
+        return cache
+
+    def _decode_plan(self) -> tuple | None:
+        """The weights the one-token decode step reads, gathered once per cache (so once per generation, not
+        per token: a module attribute lookup costs about as much as a small op). None (use the modules) when
+        a layer was swapped for another type or carries hooks, e.g. an adapter."""
+        kinds = {"ln_1": nn.LayerNorm, "attn": CausalSelfAttention, "attn.c_attn": nn.Linear,
+                 "attn.c_proj": nn.Linear, "ln_2": nn.LayerNorm, "mlp": MLP, "mlp.c_fc": nn.Linear,
+                 "mlp.c_proj": nn.Linear}
+        layers = []
+        for block in self.transformer.h:
+            if type(block) is not Block:
+                return None
+            m = {name: block.get_submodule(name) for name in kinds}
+            if any(type(m[n]) is not k or m[n]._forward_hooks or m[n]._forward_pre_hooks
+                   for n, k in kinds.items()):
+                return None
+            ln_1, c_attn, a_proj, ln_2, c_fc, m_proj = (m[n] for n in kinds if n not in ("attn", "mlp"))
+            layers.append((ln_1.weight, ln_1.bias, ln_1.eps, c_attn.weight, c_attn.bias, a_proj.weight,
+                           a_proj.bias, ln_2.weight, ln_2.bias, ln_2.eps, c_fc.weight, c_fc.bias,
+                           m_proj.weight, m_proj.bias))
+        t = self.transformer
+        if type(t.ln_f) is not nn.LayerNorm or type(self.lm_head) is not nn.Linear:
+            return None
+        return (t.wte.weight, t.wpe.weight, tuple(layers), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps,
+                self.lm_head.weight, self.lm_head.bias, self.config.n_head, (self.config.n_embd,))
 
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self(ids, cache)[:, -1, :]
+        """Append ids (B, T) to the cache -> next-token logits (B, V) at the last position.
+
+        One new token per row (the generate loop's every step) takes a fast path: the same math as
+        `forward` (blocks of Block/MLP/CausalSelfAttention) written with functional ops on weights gathered
+        in `new_cache`, no Module calls, attention through `decode_attention` and the head on one position."""
+        plan = cache.plan
+        if ids.size(1) != 1 or plan is None or self.training:
+            return self(ids, cache)[:, -1, :]
+        wte, wpe, layers, lnf_w, lnf_b, lnf_eps, head_w, head_b, n_head, shape = plan
+        p = cache.pos
+        if p >= wpe.size(0):
+            raise ValueError(f"sequence of {p + 1} tokens exceeds the context of {wpe.size(0)}")
+        x = F.embedding(ids.reshape(-1), wte) + wpe[p]  # (B, C)
+        for i, (w1, b1, e1, wa, ba, wp, bp, w2, b2, e2, wf, bf, wm, bm) in enumerate(layers):
+            y = decode_attention(F.linear(F.layer_norm(x, shape, w1, b1, e1), wa, ba), cache, i, n_head)
+            x = x + F.linear(y, wp, bp)
+            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, shape, w2, b2, e2), wf, bf)), wm, bm)
+        cache.pos = p + 1
+        return F.linear(F.layer_norm(x, shape, lnf_w, lnf_b, lnf_eps), head_w, head_b)  # (B, V)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, **controls) -> torch.Tensor:
         """n unconditional sequences of token ids (B, max_new_tokens), starting from token 0."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -98,27 +98,43 @@ def iter_tokens(
     """Yield the next token (B,) for `max_new_tokens` steps after `prompt` (B, T), T >= 1.
 
     The KV cache holds the whole window while it fits; past the model's context the window slides
-    exactly (the last `context_size` tokens are re-encoded each step, as a model without a cache would)."""
+    exactly (the last `context_size` tokens are re-encoded each step, as a model without a cache would).
+    Each step runs under `torch.inference_mode`, which is off again while the caller holds a token."""
     ctx = model.context_size
     if ctx is not None and prompt.size(1) > ctx:
         prompt = prompt[:, -ctx:]
-    history = prompt
+    n = cfg.max_new_tokens
+    if n == 0:
+        return
+    if cfg.temperature == 0 and cfg.top_k:  # greedy: top-k keeps the max and its ties: the argmax stays
+        cfg = replace(cfg, top_k=0)
+    keep_all = cfg.repetition_penalty != 1.0  # the penalty reads every token so far
+    # history (B, L): every token so far while the penalty needs it; else it is only brought up to date (from
+    # `pending`, the new tokens (B, 1) not yet in it) when the window slides, and keeps the last ctx tokens.
+    history, pending = prompt, []
     B = prompt.size(0)
-    max_len = prompt.size(1) + cfg.max_new_tokens
+    max_len = prompt.size(1) + n
     with torch.inference_mode():
         cache = model.new_cache(B, max_len if ctx is None else min(max_len, ctx))
-        logits = model.decode(prompt, cache)
-        for i in range(cfg.max_new_tokens):
-            nxt = choose(process(logits, history, cfg), cfg, generator)
-            yield nxt
-            if i + 1 == cfg.max_new_tokens:
-                break
-            history = torch.cat([history, nxt[:, None]], dim=1)
+        nxt = choose(process(model.decode(prompt, cache), history, cfg), cfg, generator)
+    for _ in range(n - 1):
+        yield nxt
+        with torch.inference_mode():
+            step = nxt.unsqueeze(1)  # (B, 1)
+            if keep_all:
+                history = torch.cat([history, step], dim=1)
+            elif ctx is not None:
+                pending.append(step)
             if ctx is not None and cache.pos >= ctx:  # window full: slide by re-encoding the last ctx tokens
+                if pending:
+                    history = torch.cat([history, *pending], dim=1)[:, -ctx:]
+                    pending.clear()
                 cache = model.new_cache(B, ctx)
                 logits = model.decode(history[:, -ctx:], cache)
             else:
-                logits = model.decode(nxt[:, None], cache)
+                logits = model.decode(step, cache)
+            nxt = choose(process(logits, history, cfg), cfg, generator)
+    yield nxt
 
 
 def generate_ids(model, prompts: list[list[int]], *, generator: torch.Generator | None = None, **controls):

@@ -205,6 +205,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
         ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     step, elapsed = 0, 0.0
+    resumed_val = None
     if resume:
         state = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE)
         try:
@@ -215,6 +216,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
             gen.set_state(state["data_rng"])
             torch.set_rng_state(state["torch_rng"])
             step, elapsed = int(state["step"]), float(state["elapsed_s"])
+            resumed_val = state.get("last_val")
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(
                 f"{run_dir / ckpt.TRAINER_STATE} does not match this model/config ({str(e)[:200]})"
@@ -247,6 +249,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                 "data_rng": gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "train_config": to_dict(cfg),
+                "last_val": last_val,
             },
         )
         ckpt.save_weights(run_dir / ckpt.WEIGHTS, ema_model if ema_model is not None else model)
@@ -259,7 +262,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
         bar = tqdm(total=cfg.max_steps or None, initial=step, file=sys.stderr, dynamic_ncols=True,
                    desc="train", unit="step", leave=True)
     history: list[dict[str, Any]] = []
-    last_train, last_val, stopped_by = None, None, ""
+    last_train, last_val, stopped_by = None, resumed_val, ""
     last_ckpt = step if resume else None
     window_items, window_t = 0, time.perf_counter()
     seg_start = time.perf_counter() - elapsed  # wall clock of this segment, offset by time already spent
