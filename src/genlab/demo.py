@@ -22,8 +22,9 @@ def _configs(out: Path, gpt_minutes: float) -> list[api.RunConfig]:
     gpt = api.resolve_config(base={
         "name": "gpt", "out_dir": str(out), "data": data,
         "model": {"family": "gpt", "preset": "baby"},
-        "train": {"max_steps": 0, "max_minutes": gpt_minutes, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50,
-                  "precision": "bf16", "eval_every": 1000, "eval_batches": 10, "checkpoint_every": 500},
+        "train": {"max_steps": 0, "max_minutes": gpt_minutes, "batch_size": 32, "lr": 3e-3, "warmup_steps": 30,
+                  "min_lr_ratio": 0.05, "precision": "bf16", "eval_every": 1000, "eval_batches": 10,
+                  "checkpoint_every": 1000},
     })
     return [ngram, gpt]
 
