@@ -15,16 +15,16 @@ Writes benchmarks/results/lm_generate.json (atomically).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from genlab.core.checkpoint import atomic_write_json
 
 SHAPES = {
     # the `baby` preset's shape with a context long enough for prompt + 200 new tokens
@@ -157,19 +157,6 @@ def machine_info() -> dict:
         "torch_interop_threads": torch.get_num_interop_threads(),
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv=None) -> int:

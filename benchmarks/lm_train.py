@@ -27,17 +27,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from genlab.core.checkpoint import atomic_write_json
 import torch.nn.functional as F
 
 VOCAB = 65  # char-level Shakespeare
@@ -411,23 +411,6 @@ def machine_info() -> dict:
     }
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the result the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def parity_check() -> dict:
     gl = build_genlab()
     hf = build_hf(gl)
@@ -563,7 +546,7 @@ def main(argv=None) -> int:
         out["profile_batch"] = batches[0]
     info["loadavg_end"] = os.getloadavg()
     out["wall_s"] = round(time.time() - t_start, 1)
-    write_json_atomic(args.out, out)
+    atomic_write_json(args.out, out)
 
     print(f"\n{'batch':>5} {'prec':>5} {'genlab tok/s':>13} {'HF tok/s':>10} {'genlab/HF':>9} "
           f"{'MFU genlab':>10} {'MFU HF':>7}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.checkpoint import atomic_write_json, atomic_write_text
+from ..core.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..core.errors import ConfigError, GenlabError
 
 
@@ -53,7 +53,7 @@ def gpt2_state_dict(model) -> dict[str, torch.Tensor]:
 
 def export_hf(run, out_dir: str | Path) -> Path:
     """Write `out_dir` with config.json, model.safetensors (GPT-2 layout) and the run's tokenizer."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     cfg = run.model.config
     if cfg.family != "gpt":
@@ -63,9 +63,7 @@ def export_hf(run, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", gpt2_config(cfg))
-    tmp = out / ".model.safetensors.tmp"
-    save_file(gpt2_state_dict(run.model), str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
+    atomic_write_bytes(out / "model.safetensors", save(gpt2_state_dict(run.model), metadata={"format": "pt"}))
     atomic_write_json(out / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 0})
     if run.tokenizer is not None and run.tokenizer.kind == "char":
         # not a Hugging Face tokenizer format: kept under its own name so AutoTokenizer is not misled
