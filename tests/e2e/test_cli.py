@@ -154,3 +154,17 @@ def test_corrupt_and_missing_checkpoints(trained_gpt, tmp_path):
                         model=cfg["model"], train=cfg["train"])
     p = run_cli("train", toml, "--resume", cwd=tmp_path)
     _one_line_error(p, "trainer_state.pt", "corrupt")
+
+
+def test_bpe_run_through_the_cli(tiny_config, tmp_path):
+    cfg = tiny_config(name="bpe", data={"tokenizer": "bpe", "vocab_size": 300}, train={"max_steps": 6})
+    run_cli("train", cfg, cwd=tmp_path, check=True)
+    run = tmp_path / "runs" / "bpe"
+    from genlab.data.tokenizers import load_tokenizer
+
+    assert load_tokenizer(run / "tokenizer.json").kind == "bpe"
+    out = run_cli("generate", run, "--prompt", "Caf\u00e9 \u2603", "--seed", "0", "--max-new-tokens", "20",
+                  check=True).stdout
+    assert out.startswith("Caf\u00e9 \u2603")  # byte-level BPE encodes any UTF-8 prompt
+    res = json.loads(run_cli("eval", run, "--json", check=True).stdout)
+    assert res["tokenizer"] == "bpe" and res["bits_per_char"] < res["bits_per_token"]
