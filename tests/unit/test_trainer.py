@@ -124,3 +124,64 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.1 and [p.dim() for p in decay["params"]] == [2]
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
     assert not math.isnan(sum(p.sum().item() for p in m.parameters()))
+
+
+class TwoPlayers(Regression):
+    """A HasCustomStep toy: two parameter groups with their own optimizers and a manual update."""
+
+    def make_optimizers(self, train_cfg):
+        return {"w": torch.optim.Adam([{"params": [self.w], "lr_scale": 1.0}], lr=train_cfg.lr),
+                "b": torch.optim.Adam([{"params": [self.b], "lr_scale": 0.5}], lr=train_cfg.lr)}
+
+    def train_step(self, batch, optimizers, step):
+        self.seen_lrs = {k: o.param_groups[0]["lr"] for k, o in optimizers.items()}
+        loss = self.loss(batch).loss
+        for o in optimizers.values():
+            o.zero_grad()
+        loss.backward()
+        for o in optimizers.values():
+            o.step()
+        return {"loss": loss.item(), "loss_w": loss.item() * 2, "step_seen": float(step)}
+
+
+class Scheduled(Regression):
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def set_train_step(self, step):
+        self.steps.append(step)
+
+
+def test_custom_step_gets_its_optimizers_lr_scales_and_logs(tmp_path):
+    cfg = TrainConfig(max_steps=12, lr=0.05, warmup_steps=0, min_lr_ratio=1.0, log_every=3, eval_every=0,
+                      checkpoint_every=6, progress=False)
+    torch.manual_seed(0)
+    m = TwoPlayers()
+    res = fit(m, Data(), cfg, run_dir=tmp_path / "a", seed=1)
+    assert m.seen_lrs == {"w": 0.05, "b": 0.025}
+    assert res.train_loss is not None and math.isfinite(res.val_loss)
+    rec = [r for r in res.history if "loss_w" in r]
+    assert len(rec) == 4 and rec[-1]["step_seen"] == 11.0
+    state = ckpt.load_trainer_state(tmp_path / "a" / ckpt.TRAINER_STATE)
+    assert set(state["optimizers"]) == {"w", "b"}
+    # resume from the step-6 checkpoint reaches the same weights as the uninterrupted run
+    torch.manual_seed(0)
+    m2 = TwoPlayers()
+    fit(m2, Data(), from_dict(TrainConfig, {**cfg.__dict__, "max_steps": 6}), run_dir=tmp_path / "b", seed=1)
+    torch.manual_seed(0)
+    m3 = TwoPlayers()
+    fit(m3, Data(), cfg, run_dir=tmp_path / "b", seed=1, resume=True)
+    assert torch.equal(m3.w, m.w) and torch.equal(m3.b, m.b)
+    with pytest.raises(Exception, match="grad_accum"):
+        fit(TwoPlayers(), Data(), from_dict(TrainConfig, {**cfg.__dict__, "grad_accum": 2}))
+
+
+def test_step_schedule_is_told_every_step_and_after_resume(tmp_path):
+    cfg = TrainConfig(max_steps=4, warmup_steps=0, eval_every=0, checkpoint_every=2, progress=False)
+    m = Scheduled()
+    fit(m, Data(), cfg, run_dir=tmp_path, seed=0)
+    assert m.steps == [0, 1, 2, 3]
+    m2 = Scheduled()
+    fit(m2, Data(), from_dict(TrainConfig, {**cfg.__dict__, "max_steps": 6}), run_dir=tmp_path, seed=0, resume=True)
+    assert m2.steps == [4, 5]

@@ -34,9 +34,21 @@ class HasELBO(Protocol):
 
 @runtime_checkable
 class HasCustomStep(Protocol):
-    """Families with several optimizers or a manual backward (GANs)."""
+    """Families with several optimizers or a manual backward (GANs): `fit` asks the model for its optimizers
+    once, sets each param group's lr to `schedule(step) * group.get("lr_scale", 1)` every step, and lets
+    `train_step` do the whole update, returning the numbers to log."""
+
+    def make_optimizers(self, train_cfg) -> dict[str, torch.optim.Optimizer]: ...
 
     def train_step(self, batch, optimizers, step: int) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class HasStepSchedule(Protocol):
+    """Families whose training loss depends on the step (a VAE's KL warm-up): `fit` calls this before every
+    optimizer step, resumed runs included, so no schedule hides in a counter."""
+
+    def set_train_step(self, step: int) -> None: ...
 
 
 @runtime_checkable

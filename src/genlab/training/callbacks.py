@@ -10,6 +10,9 @@ class Callback(Protocol):
 
     def on_checkpoint(self, step: int, run_dir) -> None: ...  # after a checkpoint is on disk
 
+    def on_eval(self, step: int, model, val_loss: float) -> None: ...  # after each held-out evaluation, with
+    #                                                                     the model that was evaluated (the EMA)
+
 
 def call(callbacks, name: str, *args) -> None:
     for cb in callbacks:

@@ -29,7 +29,7 @@ from torch import nn
 from ..core import checkpoint as ckpt
 from ..core.config import to_dict
 from ..core.errors import CheckpointError, ConfigError, TrainingDiverged
-from ..core.protocols import HasClosedFormFit
+from ..core.protocols import HasClosedFormFit, HasCustomStep, HasStepSchedule
 from . import callbacks as cb
 from .optim import adamw, lr_at
 
@@ -199,7 +199,15 @@ def _fit_closed_form(model, data, cfg, run_dir, callbacks) -> FitResult:
 
 def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callbacks) -> FitResult:
     model.train()
-    opt = adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+    custom = isinstance(model, HasCustomStep)
+    if custom and cfg.grad_accum != 1:
+        raise ConfigError(f"train.grad_accum={cfg.grad_accum}: {type(model).__name__} makes its own update steps; "
+                          "use train.grad_accum=1 and a larger train.batch_size")
+    if custom:  # a family with several players owns its optimizers and its update (GANs)
+        opts = dict(model.make_optimizers(cfg))
+    else:
+        opts = {"model": adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))}
+    scheduled = isinstance(model, HasStepSchedule)
     ema_model = None
     if cfg.ema > 0:
         ema_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -210,7 +218,10 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
         state = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE)
         try:
             model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
+            if set(state["optimizers"]) != set(opts):
+                raise KeyError(f"optimizers {sorted(state['optimizers'])} != {sorted(opts)}")
+            for k, o in opts.items():
+                o.load_state_dict(state["optimizers"][k])
             if ema_model is not None:
                 ema_model.load_state_dict(state["ema"])
             gen.set_state(state["data_rng"])
@@ -244,7 +255,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                 "step": step,
                 "elapsed_s": elapsed,
                 "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in opts.items()},
                 "ema": ema_model.state_dict() if ema_model is not None else {},
                 "data_rng": gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
@@ -277,33 +288,47 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                 break
             lr = lr_at(progress_of(step, elapsed), step, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
                        min_lr_ratio=cfg.min_lr_ratio)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss_sum, items = 0.0, 0
-            for _ in range(cfg.grad_accum):
+            for o in opts.values():
+                for g in o.param_groups:
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
+            if scheduled:
+                model.set_train_step(step)
+            if custom:
                 batch = data.train_batch(cfg.batch_size, gen)
-                with _autocast(cfg.precision):
-                    out = model.loss(batch)
-                loss_val = out.loss.item()
-                if not _finite(loss_val):
-                    raise _diverged(loss_val, step, last_ckpt, run_dir)
-                (out.loss / cfg.grad_accum).backward()
-                loss_sum += loss_val
-                items += out.n_items
-            gnorm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip else 0.0
-            )
-            if not _finite(gnorm):
-                raise _diverged(gnorm, step, last_ckpt, run_dir, what="gradient norm")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                extra = {k: float(v) for k, v in model.train_step(batch, opts, step).items()}
+                for k, v in extra.items():
+                    if not _finite(v):
+                        raise _diverged(v, step, last_ckpt, run_dir, what=k)
+                last_train, items, gnorm = extra.get("loss", 0.0), len(batch[0]), 0.0
+            else:
+                loss_sum, items, extra = 0.0, 0, {}
+                for _ in range(cfg.grad_accum):
+                    batch = data.train_batch(cfg.batch_size, gen)
+                    with _autocast(cfg.precision):
+                        out = model.loss(batch)
+                    loss_val = out.loss.item()
+                    if not _finite(loss_val):
+                        raise _diverged(loss_val, step, last_ckpt, run_dir)
+                    (out.loss / cfg.grad_accum).backward()
+                    loss_sum += loss_val
+                    items += out.n_items
+                    for k, v in out.metrics.items():
+                        extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
+                gnorm = (
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip else 0.0
+                )
+                if not _finite(gnorm):
+                    raise _diverged(gnorm, step, last_ckpt, run_dir, what="gradient norm")
+                for o in opts.values():
+                    o.step()
+                    o.zero_grad(set_to_none=True)
+                last_train = loss_sum / cfg.grad_accum
             if ema_model is not None:
                 ema_p = list(ema_model.parameters())
                 torch._foreach_lerp_(ema_p, list(model.parameters()), 1 - cfg.ema)
                 for b_ema, b in zip(ema_model.buffers(), model.buffers(), strict=True):
                     b_ema.copy_(b)
             step += 1
-            last_train = loss_sum / cfg.grad_accum
             window_items += items
             if bar is not None:
                 bar.update(1)
@@ -312,7 +337,8 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                 rate = window_items / max(now - window_t, 1e-9)
                 window_items, window_t = 0, now
                 rec = {"step": step, "time_s": round(now - seg_start, 3), "train_loss": round(last_train, 5),
-                       "lr": lr, "grad_norm": round(gnorm, 4), "items_per_s": round(rate, 1)}
+                       "lr": lr, "grad_norm": round(gnorm, 4), "items_per_s": round(rate, 1),
+                       **{k: round(v, 5) for k, v in extra.items() if k != "loss"}}
                 metrics.write(rec)
                 history.append(rec)
                 cb.call(callbacks, "on_log", rec)
@@ -342,6 +368,7 @@ def _eval(model, batches, cfg, step, seg_start, metrics, history, callbacks) -> 
     metrics.write(rec)
     history.append(rec)
     cb.call(callbacks, "on_log", rec)
+    cb.call(callbacks, "on_eval", step, model, val)
     return val
 
 
