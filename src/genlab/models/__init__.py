@@ -69,4 +69,4 @@ def replace(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
-from . import gpt, ngram  # noqa: E402,F401  (registration)
+from . import flow, gan, gpt, ngram, pixelcnn, vae  # noqa: E402,F401  (registration)
