@@ -17,9 +17,11 @@ import torch
 from .core import checkpoint as ckpt
 from .core.config import apply_overrides, from_dict, load_toml, to_dict
 from .core.errors import CheckpointError, ConfigError
-from .data.datasets import DataConfig, TextSplits, TokenData, load_text
+from .core.protocols import HasELBO, HasLogProb
+from .data.datasets import DataConfig, ImageData, TextSplits, TokenData, load_images, load_text
 from .data.tokenizers import Tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
 from .models import MODELS, build_config, build_model, config_dict, config_from_saved, replace
+from .sampling.image import save_grid
 from .sampling.text import SamplingConfig, TextDelta, generate_text, stream_text
 from .training.trainer import FitResult, TrainConfig, evaluate_loss, fit
 
@@ -36,15 +38,26 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: dict = field(default_factory=lambda: {"family": "gpt", "preset": "tiny"})
     train: TrainConfig = field(default_factory=TrainConfig)
+    preview: int = 36  # image families: a grid of this many samples is written to samples/ at every evaluation
 
     def validate(self):
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigError(f"name={self.name!r} must be a plain folder name")
-        build_config({**self.model, "vocab_size": self.model.get("vocab_size", 1)})  # checks family/preset/keys
+        if not 0 <= self.preview <= 256:
+            raise ConfigError(f"preview={self.preview} must be in [0, 256] (0 = no sample grids while training)")
+        fam = MODELS.get(self.model.get("family") or "")
+        build_config({**_PLACEHOLDERS[fam.modality], **self.model})  # checks family, preset, keys and values
+        if self.data.kind != fam.modality:
+            raise ConfigError(f"model.family={fam.name!r} learns {fam.modality} but data.source={self.data.source!r} "
+                              f"is {self.data.kind}")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
+
+
+# values the data fills in, used only to check a model section before the data is read
+_PLACEHOLDERS = {"text": {"vocab_size": 1}, "image": {"num_classes": 10}}
 
 
 def resolve_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
@@ -57,10 +70,27 @@ def resolve_config(path: str | Path | None = None, overrides: list[str] = (), ba
 # ---------------------------------------------------------------- data
 
 
-def load_dataset(source: str | DataConfig = "shakespeare", **kw) -> TextSplits:
-    """The text of a source as train/held-out splits: `load_dataset("shakespeare").train[:100]`."""
+def load_dataset(source: str | DataConfig = "shakespeare", **kw) -> TextSplits | ImageData:
+    """A source as train/held-out splits: text (`load_dataset("shakespeare").train[:100]`) or images
+    (`load_dataset("fashion-mnist").train.x`, uint8 (N, C, H, W))."""
     cfg = source if isinstance(source, DataConfig) else from_dict(DataConfig, {"source": source, **kw})
-    return load_text(cfg)
+    return load_images(cfg) if cfg.kind == "image" else load_text(cfg)
+
+
+def _image_model_config(section: dict, data: ImageData):
+    """The model config with channels, image size and classes taken from the data (a clash is an error)."""
+    found = {"channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes}
+    for key, value in found.items():
+        given = section.get(key)
+        if key != "num_classes" and given not in (None, 0, value):
+            fix = ("set data.channels to convert the images" if key == "channels"
+                   else "set data.image_size and data.resize=true to resize them")
+            raise ConfigError(f"model.{key}={given} but the {data.source} images have {key} {value}; {fix}, "
+                              f"or leave model.{key} unset")
+    if section.get("conditional") and not data.num_classes:
+        raise ConfigError(f"model.conditional=true needs class labels, and {data.source} has none (put the images "
+                          "in one sub-folder per class, or give labels 'y' in the .npz)")
+    return build_config({**section, **found})
 
 
 def _encode(tok: Tokenizer, text: str):
@@ -106,41 +136,62 @@ def train(
     run_dir = rc.run_dir
     section = dict(rc.model)
     family = MODELS.get(section.get("family"))
-    if family.modality != "text":
-        raise ConfigError(f"family {family.name} trains on images, which this version does not provide yet")
     tokenizer = None
     if resume:
         saved = ckpt.read_json(run_dir / ckpt.TRAIN_CONFIG, "run's train config")
         _check_resume_compatible(saved, to_dict(rc))
-        tokenizer = load_tokenizer(run_dir / ckpt.TOKENIZER)
+        if family.modality == "text":
+            tokenizer = load_tokenizer(run_dir / ckpt.TOKENIZER)
     elif run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite "
                               "to replace it, or --set name=<new name>")
         shutil.rmtree(run_dir)
-    model_cfg0 = build_config({**section, "vocab_size": section.get("vocab_size", 1)})
-    data, tokenizer, _ = prepare_text_data(rc.data, _block_size(model_cfg0), tokenizer)
-    given = section.get("vocab_size")
-    if given not in (None, 0, tokenizer.vocab_size):
-        raise ConfigError(f"model.vocab_size={given} but the tokenizer has {tokenizer.vocab_size} tokens; "
-                          "leave model.vocab_size unset")
-    model_cfg = replace(model_cfg0, vocab_size=tokenizer.vocab_size)
+    callbacks = list(callbacks)
+    if family.modality == "text":
+        model_cfg0 = build_config({**section, "vocab_size": section.get("vocab_size", 1)})
+        data, tokenizer, _ = prepare_text_data(rc.data, _block_size(model_cfg0), tokenizer)
+        given = section.get("vocab_size")
+        if given not in (None, 0, tokenizer.vocab_size):
+            raise ConfigError(f"model.vocab_size={given} but the tokenizer has {tokenizer.vocab_size} tokens; "
+                              "leave model.vocab_size unset")
+        model_cfg = replace(model_cfg0, vocab_size=tokenizer.vocab_size)
+    else:
+        data = load_images(rc.data)
+        log.info("data: %s", data.describe())
+        model_cfg = _image_model_config(section, data)
+        if rc.preview:
+            callbacks.append(_Preview(run_dir / "samples", rc.preview))
     with torch.random.fork_rng(devices=[]):  # the seed fixes the initial weights too
         torch.manual_seed(rc.seed)
         model = build_model(model_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         ckpt.atomic_write_json(run_dir / ckpt.TRAIN_CONFIG, to_dict(rc))
-        save_tokenizer(tokenizer, run_dir / ckpt.TOKENIZER)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, run_dir / ckpt.TOKENIZER)
         ckpt.write_model_config(run_dir, model_cfg.family, config_dict(model_cfg))
-    log.info("training %s (%s) in %s", rc.name, model_cfg.family, run_dir)
+    log.info("training %s (%s, %s parameters) in %s", rc.name, model_cfg.family, f"{num_params(model):,}", run_dir)
     result = fit(model, data, rc.train, run_dir=run_dir, seed=rc.seed, resume=resume, callbacks=callbacks)
     if resume:  # the budget may have been extended
         ckpt.atomic_write_json(run_dir / ckpt.TRAIN_CONFIG, to_dict(rc))
     return run_dir, result
 
 
-_RESUMABLE_CHANGES = {"name", "out_dir", "train.max_steps", "train.max_minutes", "train.progress", "train.log_every"}
+class _Preview:
+    """Writes a grid of samples (the same latents each time, seed 0) after every evaluation while training."""
+
+    def __init__(self, folder: Path, n: int):
+        self.folder, self.n = folder, n
+
+    def on_eval(self, step: int, model, val_loss: float) -> None:
+        images = model.sample(self.n, generator=torch.Generator().manual_seed(0))
+        save_grid(images, self.folder / f"step_{step:07d}.png")
+        save_grid(images, self.folder / "latest.png")
+
+
+_RESUMABLE_CHANGES = {"name", "out_dir", "train.max_steps", "train.max_minutes", "train.progress", "train.log_every",
+                      "preview"}
 
 
 def _check_resume_compatible(saved: dict, now: dict) -> None:
@@ -172,6 +223,10 @@ class Run:
     @property
     def family(self) -> str:
         return self.model.config.family
+
+    @property
+    def modality(self) -> str:
+        return MODELS.get(self.family).modality
 
     def start_id(self) -> int:
         """The token a prompt-less generation starts from: end-of-text (BPE) or a newline (chars)."""
@@ -247,16 +302,74 @@ def generate(
     return generate_text(run.model, run.tokenizer, batch, cfg, **kw)
 
 
-def sample(run: Run | str | Path, n: int = 1, *, seed: int | None = None, **controls):
-    """Unconditional samples: text for language models."""
-    return generate(run, "", n=n, seed=seed, **controls)
-
-
-def evaluate(run: Run | str | Path, *, max_tokens: int | None = None) -> dict[str, Any]:
-    """Held-out loss (nats/token), perplexity and bits per token and per character, on the run's own split."""
+def sample(
+    run: Run | str | Path,
+    n: int = 1,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    labels: list[int] | torch.Tensor | None = None,
+    **controls,
+):
+    """`n` samples: a list of texts for language models, uint8 images (n, C, H, W) for image families.
+    Image controls: `temperature` (latent / pixel temperature; 0 = the mode), `labels` (class ids, for
+    class-conditional runs; default cycles through the classes), and the family's own (see its docstring)."""
     run = _as_run(run)
-    if run.train_config is None or run.tokenizer is None:
-        raise CheckpointError(f"{run.path} lacks train_config.json or tokenizer.json; cannot find its held-out data")
+    if run.modality == "text":
+        if labels is not None:
+            raise ConfigError("labels apply to class-conditional image runs, not to language models")
+        return generate(run, "", n=n, seed=seed, generator=generator, **controls)
+    if not isinstance(n, int) or not 1 <= n <= 10_000:
+        raise ConfigError(f"n={n!r} must be an integer in [1, 10000]")
+    cfg = run.model.config
+    t = controls.get("temperature")
+    if t is not None and not 0 <= t <= 10:
+        raise ConfigError(f"temperature={t} must be in [0, 10]")
+    if labels is not None:
+        if not getattr(cfg, "conditional", False):
+            raise ConfigError(f"{run.path} is not class-conditional: it takes no labels")
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        if len(labels) == 1:
+            labels = labels.expand(n).clone()
+        if len(labels) != n or int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes:
+            raise ConfigError(f"labels must be {n} (or 1) class ids in [0, {cfg.num_classes - 1}]; got "
+                              f"{labels.tolist()[:12]}")
+        controls["labels"] = labels
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    controls = {k: v for k, v in controls.items() if v is not None}
+    try:
+        return run.model.sample(n, generator=generator, **controls)
+    except TypeError as e:  # an option this family does not have
+        raise ConfigError(f"{run.family} sampling: {e}") from None
+
+
+def evaluate(
+    run: Run | str | Path,
+    *,
+    max_tokens: int | None = None,
+    max_images: int | None = None,
+    iwae_k: int = 16,
+    batch_size: int = 250,
+    pictures: bool = True,
+) -> dict[str, Any]:
+    """The run measured on its own held-out split. Text: loss (nats/token), perplexity, bits per token and per
+    character. Images: bits per dimension, exact for flows and PixelCNN, the ELBO and the IWAE bound (k =
+    `iwae_k`) for the VAE, none for a GAN (it has no likelihood); with `pictures`, families with an encoder
+    also write eval_reconstructions.png (originals, reconstructions, an interpolation) into the run folder.
+    The result is also written to eval.json in the run folder."""
+    run = _as_run(run)
+    if run.train_config is None:
+        raise CheckpointError(f"{run.path} lacks train_config.json; cannot find its held-out data")
+    res = (_evaluate_images(run, max_images, iwae_k, batch_size, pictures) if run.modality == "image"
+           else _evaluate_text(run, max_tokens))
+    ckpt.atomic_write_json(run.path / "eval.json", res)
+    return res
+
+
+def _evaluate_text(run: Run, max_tokens: int | None) -> dict[str, Any]:
+    if run.tokenizer is None:
+        raise CheckpointError(f"{run.path} lacks tokenizer.json: it cannot encode its held-out text")
     rc = run.train_config
     t0 = time.perf_counter()
     data, _, splits = prepare_text_data(rc.data, _block_size(run.model.config), run.tokenizer)
@@ -282,3 +395,60 @@ def evaluate(run: Run | str | Path, *, max_tokens: int | None = None) -> dict[st
         "context": data.block_size,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+@torch.no_grad()
+def _evaluate_images(run: Run, max_images: int | None, iwae_k: int, batch_size: int, pictures: bool):
+    if max_images is not None and max_images < 1:
+        raise ConfigError(f"max_images={max_images} must be >= 1")
+    if not 1 <= iwae_k <= 10_000:
+        raise ConfigError(f"iwae_k={iwae_k} must be in [1, 10000]")
+    t0 = time.perf_counter()
+    model, cfg = run.model, run.model.config
+    data = load_images(run.train_config.data)
+    x_all, y_all = data.val.x[:max_images], data.val.y[:max_images]
+    if tuple(x_all.shape[1:]) != (cfg.channels, cfg.image_size, cfg.image_size):
+        raise CheckpointError(f"{run.path}: the model takes {cfg.channels}x{cfg.image_size}x{cfg.image_size} "
+                              f"images but its data now gives {tuple(x_all.shape[1:])}")
+    dims = x_all[0].numel()
+    g = torch.Generator().manual_seed(0)  # fixed dequantization / posterior noise: the same number every time
+    res: dict[str, Any] = {"run": str(run.path), "family": run.family, "parameters": num_params(model),
+                           "data": data.describe(), "heldout_images": len(x_all), "dims": dims}
+    bounds: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(x_all), batch_size):
+        x = x_all[i : i + batch_size]
+        y = y_all[i : i + batch_size] if getattr(cfg, "conditional", False) else None
+        if isinstance(model, HasLogProb):
+            bounds.setdefault("exact", []).append(model.log_prob(x, y=y, generator=g))
+        elif isinstance(model, HasELBO):
+            bounds.setdefault("elbo", []).append(model.elbo(x, k=1, y=y, generator=g))
+            if iwae_k > 1:
+                bounds.setdefault(f"iwae_{iwae_k}", []).append(model.elbo(x, k=iwae_k, y=y, generator=g))
+    ln2 = math.log(2)
+    for name, parts in bounds.items():
+        lp = torch.cat(parts).double()
+        res[f"bits_per_dim_{name}"] = float(-lp.mean() / (dims * ln2))
+        res[f"nats_per_image_{name}"] = float(-lp.mean())
+    if "exact" in bounds:
+        res["bits_per_dim"] = res["bits_per_dim_exact"]
+        res["likelihood"] = "exact log-likelihood" + (" of the uniformly dequantized data (a bound for the "
+                                                      "8-bit images)" if run.family == "flow" else "")
+    elif bounds:
+        best = f"iwae_{iwae_k}" if iwae_k > 1 else "elbo"
+        res["bits_per_dim"] = res[f"bits_per_dim_{best}"]
+        res["likelihood"] = (f"upper bound on bits/dim: IWAE with k={iwae_k}" if iwae_k > 1 else "upper bound: ELBO")
+    else:
+        res["bits_per_dim"] = None
+        res["likelihood"] = f"none: a {run.family} defines no likelihood, so no bits/dim is reported"
+    note = getattr(model, "likelihood_note", None)
+    if note:
+        res["likelihood"] += f" ({note})"
+    if pictures and hasattr(model, "reconstruct") and len(x_all) >= 2:
+        k = min(8, len(x_all))
+        yk = y_all[:k] if getattr(cfg, "conditional", False) else None
+        rec = model.reconstruct(x_all[:k], y=yk)
+        interp = model.interpolate(x_all[0], x_all[1], steps=k, y=None if yk is None else yk[:1])
+        res["pictures"] = str(save_grid(torch.cat([x_all[:k], rec, interp]), run.path / "eval_reconstructions.png",
+                                        nrow=k))
+    res["seconds"] = round(time.perf_counter() - t0, 2)
+    return res

@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .core.errors import GenlabError
+from .core.errors import ConfigError, GenlabError
+from .sampling.image import save_grid
 
 log = logging.getLogger("genlab")
 
@@ -70,16 +71,42 @@ def _header(a, i):
         sys.stdout.write(f"--- sample {i + 1}/{a.n} ---\n")
 
 
+def cmd_sample(a) -> int:
+    from . import api
+
+    run = api.load(a.run)
+    labels = None
+    if a.labels:
+        try:
+            labels = [int(v) for v in a.labels.split(",")]
+        except ValueError:
+            raise ConfigError(f"--labels {a.labels!r}: give class ids separated by commas, e.g. 0,1,2") from None
+    if run.modality == "text":
+        for i, text in enumerate(api.sample(run, a.n, seed=a.seed, labels=labels, temperature=a.temperature,
+                                            max_new_tokens=a.max_new_tokens)):
+            _header(a, i)
+            print(text)
+        return 0
+    images = api.sample(run, a.n, seed=a.seed, labels=labels, temperature=a.temperature)
+    out = save_grid(images, a.out, nrow=a.nrow)
+    print(f"wrote {len(images)} samples from {a.run} to {out}")
+    return 0
+
+
 def cmd_eval(a) -> int:
     from . import api
 
-    res = api.evaluate(a.run, max_tokens=a.max_tokens)
+    res = api.evaluate(a.run, max_tokens=a.max_tokens, max_images=a.max_images, iwae_k=a.iwae_k)
     if a.json:
         print(json.dumps(res, indent=2))
         return 0
-    for k in ("run", "family", "parameters", "tokenizer", "context", "heldout_tokens", "loss_nats_per_token",
-              "perplexity", "bits_per_token", "bits_per_char"):
-        print(f"{k:22s} {_fmt(res[k])}")
+    keys = (("run", "family", "parameters", "data", "heldout_images", "bits_per_dim", "likelihood", "pictures")
+            if "heldout_images" in res else
+            ("run", "family", "parameters", "tokenizer", "context", "heldout_tokens", "loss_nats_per_token",
+             "perplexity", "bits_per_token", "bits_per_char"))
+    for k in keys + tuple(k for k in res if k.startswith("bits_per_dim_")):
+        if k in res:
+            print(f"{k:22s} {_fmt(res[k]) if res[k] is not None else '-'}")
     return 0
 
 
@@ -136,10 +163,29 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.set_defaults(fn=cmd_generate)
 
+    s = sub.add_parser("sample", help="sample from a run: a PNG grid of images, or texts", formatter_class=fmt,
+                       description="Draw samples from a trained run. Image families write a PNG grid; language "
+                                   "models print texts.")
+    s.add_argument("run", help="run folder, e.g. runs/fashion_flow")
+    s.add_argument("-n", type=int, default=64, help="number of samples")
+    s.add_argument("--seed", type=int, default=None, help="same seed, same samples (default: random)")
+    s.add_argument("--out", default="samples.png", help="PNG file for the grid (image families)")
+    s.add_argument("--nrow", type=int, default=None, help="images per row (default: a square grid)")
+    s.add_argument("--temperature", type=float, default=None,
+                   help="latent temperature (vae, flow, gan: the std of z) or pixel temperature (pixelcnn); "
+                        "0 = the mode (default: the family's, 1.0)")
+    s.add_argument("--labels", default=None, metavar="IDS",
+                   help="class ids for a class-conditional run, comma-separated: one for all, or one per sample")
+    s.add_argument("--max-new-tokens", type=int, default=200, help="language models: tokens per sample")
+    s.set_defaults(fn=cmd_sample)
+
     e = sub.add_parser("eval", help="held-out loss, perplexity and bits of a run", formatter_class=fmt,
-                       description="Evaluate a run on the held-out split of its own data.")
+                       description="Evaluate a run on the held-out split of its own data (bits/dim for images, "
+                                   "bits/char for text); writes eval.json into the run folder.")
     e.add_argument("run", help="run folder")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens (default all)")
+    e.add_argument("--max-images", type=int, default=None, help="evaluate on at most this many images (default all)")
+    e.add_argument("--iwae-k", type=int, default=16, help="VAE: importance samples of the IWAE bound (1 = the ELBO)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(fn=cmd_eval)
 
