@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,6 +49,8 @@ COUPLINGS = ("affine", "additive")
 PREPROCESS = ("logit", "center")
 LOG_2PI = math.log(2 * math.pi)
 
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FlowConfig:
@@ -463,6 +467,11 @@ class Flow(nn.Module):
                 torch.randn((n, *s), generator=generator, device=device) * temperature
                 for s in self.latent_shapes()
             ]
-            return self.postprocess(self.inverse(eps, labels))
+            x = self.inverse(eps, labels)
+            bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
+            if bad:  # said, not hidden: postprocess shows these pixels as mid-grey
+                log.warning("%d of %d flow samples overflowed in the inverse (their non-finite pixels are shown "
+                            "grey); a lower temperature, e.g. 0.7, avoids it", bad, n)
+            return self.postprocess(x)
         finally:
             self.train(was)
