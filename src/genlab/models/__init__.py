@@ -34,6 +34,16 @@ def register_family(name: str, config_cls: type, presets: dict[str, dict[str, An
     return deco
 
 
+def check_image_fields(cfg) -> None:
+    """The checks every image family's config shares: channels, classes and the conditional switch."""
+    if cfg.channels not in (1, 3):
+        raise ConfigError(f"model.channels={cfg.channels} must be 1 or 3")
+    if cfg.num_classes < 0:
+        raise ConfigError(f"model.num_classes={cfg.num_classes} must be >= 0 (0 = no labels)")
+    if cfg.conditional and cfg.num_classes < 1:
+        raise ConfigError("model.conditional=true needs model.num_classes >= 1 (a labelled data source)")
+
+
 def build_config(section: dict[str, Any]):
     """`{"family": "gpt", "preset": "baby", "n_layer": 2, ...}` -> the family's frozen config."""
     section = dict(section)

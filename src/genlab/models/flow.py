@@ -32,10 +32,9 @@ every log-determinant and the Gaussian log-densities are computed in the input's
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +42,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.outputs import StepOutput
-from . import register_family
+from . import check_image_fields, register_family
 
 COUPLINGS = ("affine", "additive")
 PREPROCESS = ("logit", "center")
@@ -67,12 +66,7 @@ class FlowConfig:
     logit_alpha: float = 0.05  # logit(alpha + (1 - 2 alpha) y) keeps away from 0 and 1 (RealNVP sec. 4.1)
 
     def validate(self):
-        if self.channels not in (1, 3):
-            raise ConfigError(f"model.channels={self.channels} must be 1 or 3")
-        if self.num_classes < 0:
-            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 0 (0 = no labels)")
-        if self.conditional and self.num_classes < 1:
-            raise ConfigError("model.conditional=true needs model.num_classes >= 1 (a labelled data source)")
+        check_image_fields(self)
         if not 1 <= self.n_levels <= 8:
             raise ConfigError(f"model.n_levels={self.n_levels} must be in [1, 8]")
         for k in ("n_steps", "hidden"):

@@ -35,7 +35,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from ..core.errors import ConfigError
 from ..core.outputs import StepOutput
 from ..nn.likelihoods import from_symmetric, to_symmetric
-from . import register_family
+from . import check_image_fields, register_family
 
 LOSSES = ("ns", "hinge", "wgan-gp")
 
@@ -60,15 +60,10 @@ class GANConfig:
     adam_betas: tuple[float, float] = (0.5, 0.999)  # replaces the trainer's beta1/beta2 for both players
 
     def validate(self):
-        if self.channels not in (1, 3):
-            raise ConfigError(f"model.channels={self.channels} must be 1 or 3")
+        check_image_fields(self)
         if self.image_size < 4 or self.image_size % 4:
             raise ConfigError(f"model.image_size={self.image_size} must be a positive multiple of 4 "
                               "(the generator upsamples twice from image_size/4)")
-        if self.num_classes < 0:
-            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 0 (0 = no labels)")
-        if self.conditional and self.num_classes < 1:
-            raise ConfigError("model.conditional=true needs model.num_classes >= 1 (a labelled data source)")
         for k in ("z_dim", "g_width", "d_width", "n_critic"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"model.{k}={getattr(self, k)} must be >= 1")

@@ -41,7 +41,7 @@ from ..nn.likelihoods import (
     sample_discretized_logistic_mixture,
     to_symmetric,
 )
-from . import register_family
+from . import check_image_fields, register_family
 
 OUTPUTS = ("logistic_mixture", "softmax")
 
@@ -61,14 +61,9 @@ class PixelCNNConfig:
     head_hidden: int = 64  # the 1x1 output network: relu -> 1x1 (head_hidden) -> relu -> 1x1 (params)
 
     def validate(self):
-        if self.channels not in (1, 3):
-            raise ConfigError(f"model.channels={self.channels} must be 1 or 3")
+        check_image_fields(self)
         if self.image_size < 1:
             raise ConfigError(f"model.image_size={self.image_size} must be >= 1")
-        if self.num_classes < 0:
-            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 0 (0 = no labels)")
-        if self.conditional and self.num_classes < 1:
-            raise ConfigError("model.conditional=true needs model.num_classes >= 1 (a labelled data source)")
         if self.output not in OUTPUTS:
             raise ConfigError(f"model.output={self.output!r} must be one of {', '.join(map(repr, OUTPUTS))}")
         if not 1 <= self.n_mix <= 64:

@@ -49,7 +49,7 @@ from ..nn.likelihoods import (
     sample_discretized_logistic_mixture,
     to_symmetric,
 )
-from . import register_family
+from . import check_image_fields, register_family
 
 DECODERS = ("logistic", "gaussian", "bernoulli")
 LOG_2PI = math.log(2 * math.pi)
@@ -72,14 +72,9 @@ class VAEConfig:
     class_dim: int = 16  # size of the class embedding (conditional models)
 
     def validate(self):
-        if self.channels not in (1, 3):
-            raise ConfigError(f"model.channels={self.channels} must be 1 or 3")
+        check_image_fields(self)
         if self.image_size < 4 or self.image_size % 4:
             raise ConfigError(f"model.image_size={self.image_size} must be a positive multiple of 4 (>= 4)")
-        if self.num_classes < 0:
-            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 0 (0 = no labels)")
-        if self.conditional and self.num_classes < 1:
-            raise ConfigError("model.conditional=true needs model.num_classes >= 1 (a labelled data source)")
         if self.decoder not in DECODERS:
             raise ConfigError(f"model.decoder={self.decoder!r} must be one of {', '.join(map(repr, DECODERS))}")
         if not 1 <= self.n_mix <= 32:
