@@ -85,6 +85,22 @@ def test_ema_weights_are_saved_and_lag_the_raw_weights(tmp_path):
     assert not torch.allclose(saved.w, m.w) and (saved.w - Data.true_w).abs().sum() > (m.w - Data.true_w).abs().sum()
 
 
+def test_ema_decay_warms_up_and_averages_float_buffers():
+    from genlab.training.trainer import _ema_update, ema_decay
+
+    assert ema_decay(0.999, 0) == pytest.approx(0.1) and ema_decay(0.999, 10**6) == 0.999
+    assert ema_decay(0.5, 3) == pytest.approx(4 / 13) and ema_decay(0.5, 100) == 0.5
+    live, avg = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    live.running_mean.fill_(4.0)
+    live.num_batches_tracked.fill_(7)
+    with torch.no_grad():
+        live.weight.fill_(2.0)
+    _ema_update(avg, live, 0.75)
+    assert torch.allclose(avg.running_mean, torch.full((2,), 1.0))  # 0.75 * 0 + 0.25 * 4
+    assert torch.allclose(avg.weight, torch.full((2,), 1.25))  # 0.75 * 1 + 0.25 * 2
+    assert int(avg.num_batches_tracked) == 7  # integer buffers are copied
+
+
 def test_grad_accumulation_equals_a_bigger_batch():
     """Same examples, same order: 2 micro-batches of 8 give the gradient of one batch of 16."""
 

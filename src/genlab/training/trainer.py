@@ -324,10 +324,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                     o.zero_grad(set_to_none=True)
                 last_train = loss_sum / cfg.grad_accum
             if ema_model is not None:
-                ema_p = list(ema_model.parameters())
-                torch._foreach_lerp_(ema_p, list(model.parameters()), 1 - cfg.ema)
-                for b_ema, b in zip(ema_model.buffers(), model.buffers(), strict=True):
-                    b_ema.copy_(b)
+                _ema_update(ema_model, model, ema_decay(cfg.ema, step))
             step += 1
             window_items += items
             if bar is not None:
@@ -360,6 +357,25 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
             bar.close()
         metrics.close()
     return FitResult(step, elapsed, last_train, last_val, stopped_by, history)
+
+
+def ema_decay(decay: float, step: int) -> float:
+    """The EMA decay after `step` updates, warmed up as min(decay, (1 + step) / (10 + step)) (the schedule of
+    diffusers' EMAModel), so the average does not drag the random initial weights through a short run."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def _ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * live, for the parameters and for the floating-point buffers (batch-norm
+    running statistics follow the averaged weights they normalise, as in timm's ModelEmaV2); integer and bool
+    buffers (counters, flags, permutations) are copied."""
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1 - decay)
+    for b_ema, b in zip(ema_model.buffers(), model.buffers(), strict=True):
+        if b.is_floating_point():
+            b_ema.lerp_(b, 1 - decay)
+        else:
+            b_ema.copy_(b)
 
 
 def _eval(model, batches, cfg, step, seg_start, metrics, history, callbacks) -> float:
