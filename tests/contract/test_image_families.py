@@ -142,7 +142,7 @@ def test_likelihood_matches_the_eval_loss(case):
             lp = model.elbo(x, k=1, y=yy, generator=g())
             assert torch.isfinite(model.elbo(x, k=4, y=yy, generator=g())).all()
         else:
-            assert name == "gan"
+            assert name in ("gan", "diffusion")  # no likelihood offered (diffusion's bound is not computed)
             return
         assert lp.shape == (6,) and torch.isfinite(lp).all() and (lp < 0).all()
         losses = []

@@ -79,4 +79,4 @@ def replace(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
-from . import flow, gan, gpt, ngram, pixelcnn, vae  # noqa: E402,F401  (registration)
+from . import diffusion, flow, gan, gpt, ngram, pixelcnn, vae  # noqa: E402,F401  (registration)
