@@ -21,7 +21,7 @@ from .core.protocols import HasELBO, HasLogProb
 from .data.datasets import DataConfig, ImageData, TextSplits, TokenData, load_images, load_text
 from .data.tokenizers import Tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
 from .models import MODELS, build_config, build_model, config_dict, config_from_saved, replace
-from .sampling.image import save_grid
+from .sampling.image import read_image, save_grid
 from .sampling.text import SamplingConfig, TextDelta, generate_text, stream_text
 from .training.trainer import FitResult, TrainConfig, evaluate_loss, fit
 
@@ -326,14 +326,10 @@ def sample(
     if t is not None and not 0 <= t <= 10:
         raise ConfigError(f"temperature={t} must be in [0, 10]")
     if labels is not None:
-        if not getattr(cfg, "conditional", False):
-            raise ConfigError(f"{run.path} is not class-conditional: it takes no labels")
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
         if len(labels) == 1:
             labels = labels.expand(n).clone()
-        if len(labels) != n or int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes:
-            raise ConfigError(f"labels must be {n} (or 1) class ids in [0, {cfg.num_classes - 1}]; got "
-                              f"{labels.tolist()[:12]}")
+        _check_labels(labels, n, cfg, run)
         controls["labels"] = labels
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
@@ -342,6 +338,58 @@ def sample(
         return run.model.sample(n, generator=generator, **controls)
     except TypeError as e:  # an option this family does not have
         raise ConfigError(f"{run.family} sampling: {e}") from None
+
+
+def inpaint(
+    run: Run | str | Path,
+    image: str | Path | torch.Tensor,
+    mask: str | Path | torch.Tensor,
+    n: int = 1,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    labels: list[int] | torch.Tensor | None = None,
+    **controls,
+) -> torch.Tensor:
+    """`n` completions of `image` (a PNG/JPEG path or uint8 (C, H, W)) by a diffusion run. `mask` (a path or a
+    (H, W) tensor): white (> 127, or true) marks the pixels to generate, black the pixels to keep exactly, as in
+    common inpainting tools. Controls: sampler (default ddpm), steps (default every training step), schedule,
+    guidance, resample (RePaint resampling, 1 = off). Returns uint8 (n, C, H, W)."""
+    run = _as_run(run)
+    if not hasattr(run.model, "inpaint"):
+        raise ConfigError(f"{run.path} is a {run.family} run; inpainting needs a diffusion run")
+    cfg = run.model.config
+    if not isinstance(n, int) or not 1 <= n <= 1000:
+        raise ConfigError(f"n={n!r} must be an integer in [1, 1000]")
+    img = read_image(image, cfg.channels) if not isinstance(image, torch.Tensor) else image
+    m = read_image(mask, 1)[0] > 127 if not isinstance(mask, torch.Tensor) else mask.bool()
+    want = (cfg.image_size, cfg.image_size)
+    if tuple(img.shape[-2:]) != want:
+        raise ConfigError(f"the image is {img.shape[-1]}x{img.shape[-2]} but the model makes {want[0]}x{want[1]} "
+                          "images")
+    if tuple(m.shape) != tuple(img.shape[-2:]):
+        raise ConfigError(f"the mask is {m.shape[-1]}x{m.shape[-2]} but the image is {img.shape[-1]}x{img.shape[-2]}")
+    if not bool(m.any()):
+        raise ConfigError("the mask is all black: there is nothing to generate (white marks the pixels to fill in)")
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        labels = labels.expand(n).clone() if len(labels) == 1 else labels
+        _check_labels(labels, n, cfg, run)
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    controls = {k: v for k, v in controls.items() if v is not None}
+    try:
+        return run.model.inpaint(img, ~m, n, generator=generator, labels=labels, **controls)
+    except TypeError as e:
+        raise ConfigError(f"inpainting: {e}") from None
+
+
+def _check_labels(labels: torch.Tensor, n: int, cfg, run: Run) -> None:
+    if not getattr(cfg, "conditional", False):
+        raise ConfigError(f"{run.path} is not class-conditional: it takes no labels")
+    if len(labels) != n or int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes:
+        raise ConfigError(f"labels must be {n} (or 1) class ids in [0, {cfg.num_classes - 1}] (the classes this "
+                          f"model was trained on); got {labels.tolist()[:12]}")
 
 
 def evaluate(
@@ -439,7 +487,7 @@ def _evaluate_images(run: Run, max_images: int | None, iwae_k: int, batch_size: 
         res["likelihood"] = (f"upper bound on bits/dim: IWAE with k={iwae_k}" if iwae_k > 1 else "upper bound: ELBO")
     else:
         res["bits_per_dim"] = None
-        res["likelihood"] = f"none: a {run.family} defines no likelihood, so no bits/dim is reported"
+        res["likelihood"] = f"none: a {run.family} run gives no likelihood, so no bits/dim is reported"
     note = getattr(model, "likelihood_note", None)
     if note:
         res["likelihood"] += f" ({note})"

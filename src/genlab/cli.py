@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from .core.errors import ConfigError, GenlabError
-from .sampling.image import save_grid
+from .sampling.image import read_image, save_grid
 
 log = logging.getLogger("genlab")
 
@@ -75,21 +75,52 @@ def cmd_sample(a) -> int:
     from . import api
 
     run = api.load(a.run)
-    labels = None
-    if a.labels:
-        try:
-            labels = [int(v) for v in a.labels.split(",")]
-        except ValueError:
-            raise ConfigError(f"--labels {a.labels!r}: give class ids separated by commas, e.g. 0,1,2") from None
+    labels = _labels_arg(a.labels)
     if run.modality == "text":
         for i, text in enumerate(api.sample(run, a.n, seed=a.seed, labels=labels, temperature=a.temperature,
                                             max_new_tokens=a.max_new_tokens)):
             _header(a, i)
             print(text)
         return 0
-    images = api.sample(run, a.n, seed=a.seed, labels=labels, temperature=a.temperature)
+    diffusion = dict(sampler=a.sampler, steps=a.steps, schedule=a.schedule, guidance=a.guidance, eta=a.eta)
+    traj = None
+    if a.trajectory:
+        from .sampling.diffusion import Trajectory
+
+        traj = diffusion["callback"] = Trajectory(rows=min(a.n, 4), frames=a.frames)
+    images = api.sample(run, a.n, seed=a.seed, labels=labels, temperature=a.temperature, **diffusion)
     out = save_grid(images, a.out, nrow=a.nrow)
     print(f"wrote {len(images)} samples from {a.run} to {out}")
+    if traj is not None:
+        path = save_grid(traj.images(), a.trajectory, nrow=min(a.frames, a.steps or a.frames))
+        print(f"wrote the denoising path of {traj.rows} samples to {path} (per sample: noisy state, then the "
+              "model's estimate of the clean image; left to right, noise to image)")
+    return 0
+
+
+def _labels_arg(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--labels {text!r}: give class ids separated by commas, e.g. 0,1,2") from None
+
+
+def cmd_inpaint(a) -> int:
+    import torch
+
+    from . import api
+
+    run = api.load(a.run)
+    out = api.inpaint(run, a.image, a.mask, a.n, seed=a.seed, labels=_labels_arg(a.labels), sampler=a.sampler,
+                      steps=a.steps, schedule=a.schedule, guidance=a.guidance, resample=a.resample)
+    src = read_image(a.image, run.model.config.channels)
+    hole = read_image(a.mask, 1)[0] > 127
+    masked = src.clone()
+    masked[:, hole] = 127
+    path = save_grid(torch.cat([src[None], masked[None], out]), a.out, nrow=a.n + 2)
+    print(f"wrote {a.out}: the image, the image with its masked area grey, then {a.n} completion(s) -> {path}")
     return 0
 
 
@@ -174,10 +205,33 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=None,
                    help="latent temperature (vae, flow, gan: the std of z) or pixel temperature (pixelcnn); "
                         "0 = the mode (default: the family's, 1.0)")
-    s.add_argument("--labels", default=None, metavar="IDS",
+    s.add_argument("--labels", "--class", dest="labels", default=None, metavar="IDS",
                    help="class ids for a class-conditional run, comma-separated: one for all, or one per sample")
     s.add_argument("--max-new-tokens", type=int, default=200, help="language models: tokens per sample")
+    _diffusion_args(s)
+    s.add_argument("--eta", type=float, default=None, help="diffusion, ddim sampler: 0 deterministic .. 1 DDPM noise")
+    s.add_argument("--trajectory", default=None, metavar="PNG",
+                   help="diffusion: also draw the denoising path of the first (up to 4) samples into this PNG")
+    s.add_argument("--frames", type=int, default=8, help="diffusion: steps shown per row in --trajectory")
     s.set_defaults(fn=cmd_sample)
+
+    i = sub.add_parser("inpaint", help="fill in the masked part of an image with a diffusion run",
+                       formatter_class=fmt,
+                       description="Complete an image with a diffusion run: pixels where the mask is white are "
+                                   "generated, pixels where it is black are kept exactly. Writes a PNG: the image, "
+                                   "the image with the hole grey, then the completions.")
+    i.add_argument("run", help="a diffusion run folder")
+    i.add_argument("--image", required=True, help="PNG/JPEG of the model's image size")
+    i.add_argument("--mask", required=True, help="PNG/JPEG of the same size: white = generate, black = keep")
+    i.add_argument("-n", type=int, default=4, help="number of completions")
+    i.add_argument("--out", default="inpainted.png", help="PNG file to write")
+    i.add_argument("--seed", type=int, default=None, help="same seed, same completions (default: random)")
+    i.add_argument("--labels", "--class", dest="labels", default=None, metavar="IDS",
+                   help="class ids for a class-conditional run (one for all, or one per completion)")
+    _diffusion_args(i, sampler="ddpm (every training step)")
+    i.add_argument("--resample", type=int, default=1,
+                   help="RePaint resampling: repeat each step this many times (1 = plain replacement)")
+    i.set_defaults(fn=cmd_inpaint)
 
     e = sub.add_parser("eval", help="held-out loss, perplexity and bits of a run", formatter_class=fmt,
                        description="Evaluate a run on the held-out split of its own data (bits/dim for images, "
@@ -203,6 +257,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--minutes", type=float, default=4.0, help="GPT training budget in minutes")
     d.set_defaults(fn=cmd_demo)
     return p
+
+
+def _diffusion_args(p, sampler: str = "the model's, dpmpp_2m"):
+    p.add_argument("--sampler", default=None, help=f"diffusion: ddpm, ddim, euler, heun or dpmpp_2m (default: {sampler})")
+    p.add_argument("--steps", type=int, default=None, help="diffusion: sampling steps (default: the model's)")
+    p.add_argument("--schedule", default=None,
+                   help="diffusion: 'model' (training timesteps) or 'karras' (default: model for ddpm/ddim)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="diffusion, class-conditional: classifier-free guidance w in D_c + w (D_c - D_u); 0 = none")
 
 
 def _version() -> str:

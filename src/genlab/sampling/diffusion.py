@@ -175,3 +175,31 @@ def inpaint(denoiser, known: torch.Tensor, keep: torch.Tensor, x: torch.Tensor, 
                 x = x + (pair[0] ** 2 - pair[1] ** 2).sqrt() * _noise(x, generator)
         _report(callback, i, sigmas, x, last["denoised"])
     return keep * known + (1 - keep) * x
+
+
+class Trajectory:
+    """A sampler `callback` that records the denoising path of the first `rows` images: after sampling, `images()`
+    gives for each image one row of its noisy states x_t (VP scale) and one row of the model's x0 estimates at
+    `frames` evenly spaced steps (the last step included), as uint8 (2 rows frames, C, H, W)."""
+
+    def __init__(self, rows: int = 4, frames: int = 8):
+        if rows < 1 or frames < 2:
+            raise ValueError(f"a trajectory needs rows >= 1 and frames >= 2; got rows={rows}, frames={frames}")
+        self.rows, self.frames = rows, frames
+        self._x: list[torch.Tensor] = []
+        self._x0: list[torch.Tensor] = []
+
+    def __call__(self, info: dict) -> None:
+        self._x.append(info["x"][: self.rows] / (1 + info["sigma_next"] ** 2) ** 0.5)
+        self._x0.append(info["denoised"][: self.rows])
+
+    def images(self) -> torch.Tensor:
+        from ..nn.likelihoods import from_symmetric
+
+        if not self._x:
+            raise ValueError("the trajectory is empty: pass it as callback= to a sampler first")
+        n = len(self._x)
+        idx = torch.linspace(0, n - 1, min(self.frames, n)).round().long().tolist()
+        xs, x0s = torch.stack([self._x[i] for i in idx], 1), torch.stack([self._x0[i] for i in idx], 1)  # (R, F, ..)
+        rows = torch.stack([xs, x0s], 1).flatten(0, 2)  # image 0: noisy row, x0 row; image 1: ...
+        return from_symmetric(rows)

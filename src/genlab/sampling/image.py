@@ -45,3 +45,21 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
     """A PNG grid of uint8 images; small images (<= 16 px) are enlarged so they can be seen."""
     scale = 4 if images.shape[-1] <= 16 else (2 if images.shape[-1] <= 32 else 1)
     return save_png(make_grid(images, nrow), path, scale=scale)
+
+
+def read_image(path: str | Path, channels: int) -> torch.Tensor:
+    """One PNG/JPEG file as uint8 (channels, H, W), converted to grayscale (1) or RGB (3)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..core.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path} cannot be read as an image ({type(e).__name__}: {e})") from None
+    return torch.from_numpy((a[None] if a.ndim == 2 else a.transpose(2, 0, 1)).copy())
