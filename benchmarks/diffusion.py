@@ -1,0 +1,238 @@
+"""Diffusion on a CPU: genlab's U-Net and samplers against diffusers, measured in the same run.
+
+Peer: `diffusers.UNet2DModel(block_out_channels=(32, 64, 64), layers_per_block=1, down blocks Down, Down,
+AttnDown, norm groups 8)`, 1,112,801 parameters, and genlab's `default` diffusion preset of the same shape
+(1,112,801 unconditional: the same residual blocks, attention at 7x7 and in the middle). 28x28x1 images.
+
+- train: images/s of one training step (forward, MSE on eps, backward, AdamW) at batch 64. genlab as its
+  trainer runs it (`Diffusion.loss`, bf16 autocast, channels-last) and in fp32; the peer in fp32 (its default)
+  and under the same bf16 autocast. Repeats interleaved, medians.
+- sample: seconds for 16 images with DDIM 50 steps and DPM-Solver++(2M) 20 steps: genlab's samplers on its
+  U-Net vs diffusers' DDIMScheduler / DPMSolverMultistepScheduler driving its UNet2DModel, same step counts.
+- quality (with --run RUN, a trained fashion-mnist diffusion run): FID in the feature space of genlab's
+  fashion-mnist domain classifier (eval/features.py), of DPM-Solver++(2M) at 10/20/50 steps, DDIM 50 and DDPM
+  at 1000 steps, each on the same number of samples against the held-out test images, plus the classifier's
+  accuracy on the requested classes.
+
+    python benchmarks/diffusion.py                      # speed, writes benchmarks/results/diffusion.json
+    python benchmarks/diffusion.py --quick              # smoke run
+    python benchmarks/diffusion.py --only quality --run runs/fashion_mnist_diffusion --samples 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from genlab.core.checkpoint import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "benchmarks" / "results" / "diffusion.json"
+SIZE, BATCH = 28, 64
+
+
+def build_genlab(channels_last: bool = False):
+    from genlab.models import build_config, build_model
+
+    torch.manual_seed(0)
+    m = build_model(build_config({"family": "diffusion", "preset": "default", "channels": 1, "image_size": SIZE}))
+    return m.to(memory_format=torch.channels_last) if channels_last else m
+
+
+def build_peer():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=SIZE, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                       attention_head_dim=32)
+
+
+def _autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def _images(g):
+    return torch.randint(0, 256, (BATCH, 1, SIZE, SIZE), generator=g, dtype=torch.uint8)
+
+
+def train_step_genlab(model, opt, bf16, channels_last, g):
+    x = _images(g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with _autocast(bf16):
+        loss = model.loss((x, None)).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def train_step_peer(model, opt, bf16, g):
+    x0 = _images(g).float() / 127.5 - 1
+    t = torch.randint(0, 1000, (BATCH,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)[t].view(-1, 1, 1, 1)
+    xt = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    with _autocast(bf16):
+        out = model(xt, t).sample
+    loss = F.mse_loss(out.float(), eps)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_train(repeats: int, steps: int) -> dict:
+    variants = {
+        "genlab_bf16_cl": (build_genlab(True), lambda m, o, g: train_step_genlab(m, o, True, True, g)),
+        "genlab_bf16": (build_genlab(False), lambda m, o, g: train_step_genlab(m, o, True, False, g)),
+        "genlab_fp32": (build_genlab(False), lambda m, o, g: train_step_genlab(m, o, False, False, g)),
+        "diffusers_fp32": (build_peer(), lambda m, o, g: train_step_peer(m, o, False, g)),
+        "diffusers_bf16": (build_peer(), lambda m, o, g: train_step_peer(m, o, True, g)),
+    }
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in variants.items()}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    g = torch.Generator().manual_seed(0)
+    for k, (m, step) in variants.items():  # warm-up
+        m.train()
+        for _ in range(2):
+            step(m, opts[k], g)
+    order = list(variants)
+    for r in range(repeats):
+        for k in order if r % 2 == 0 else order[::-1]:
+            m, step = variants[k]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step(m, opts[k], g)
+            times[k].append(BATCH * steps / (time.perf_counter() - t0))
+    res = {k: round(statistics.median(v), 1) for k, v in times.items()}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, (m, _) in variants.items()}
+    return {"images_per_s": res, "parameters": {"genlab": params["genlab_fp32"], "diffusers": params["diffusers_fp32"]},
+            "batch": BATCH, "repeats": repeats, "steps_per_repeat": steps,
+            "ratio_best_genlab_vs_diffusers_fp32": round(max(res["genlab_bf16_cl"], res["genlab_bf16"])
+                                                          / res["diffusers_fp32"], 2),
+            "ratio_best_genlab_vs_best_diffusers": round(max(res["genlab_bf16_cl"], res["genlab_bf16"])
+                                                         / max(res["diffusers_fp32"], res["diffusers_bf16"]), 2)}
+
+
+@torch.inference_mode()
+def sample_genlab(model, sampler, steps, n, bf16, seed=0):
+    with _autocast(bf16):
+        return model.sample(n, generator=torch.Generator().manual_seed(seed), sampler=sampler, steps=steps)
+
+
+@torch.inference_mode()
+def sample_peer(unet, sampler, steps, n, seed=0):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if sampler == "ddim":
+        sch = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", timestep_spacing="trailing",
+                            clip_sample=False, set_alpha_to_one=True)
+    else:
+        sch = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_schedule="linear", solver_order=2,
+                                          algorithm_type="dpmsolver++", use_karras_sigmas=True)
+    sch.set_timesteps(steps)
+    x = torch.randn(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)) * sch.init_noise_sigma
+    for t in sch.timesteps:
+        eps = unet(sch.scale_model_input(x, t), t).sample
+        x = sch.step(eps, t, x).prev_sample
+    return x
+
+
+def bench_sample(repeats: int, n: int, plans) -> dict:
+    ours_fp32, ours_cl, peer = build_genlab(False).eval(), build_genlab(True).eval(), build_peer().eval()
+    out = {}
+    for sampler, steps in plans:
+        variants = {
+            "genlab_fp32": lambda: sample_genlab(ours_fp32, sampler, steps, n, False),
+            "genlab_bf16_cl": lambda: sample_genlab(ours_cl, sampler, steps, n, True),
+            "diffusers_fp32": lambda: sample_peer(peer, sampler, steps, n),
+        }
+        for f in variants.values():
+            f()  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        order = list(variants)
+        for r in range(repeats):
+            for k in order if r % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                variants[k]()
+                times[k].append(time.perf_counter() - t0)
+        sec = {k: round(statistics.median(v), 3) for k, v in times.items()}
+        out[f"{sampler}_{steps}"] = {"images": n, "seconds": sec,
+                                     "ratio_fp32": round(sec["diffusers_fp32"] / sec["genlab_fp32"], 2),
+                                     "ratio_best": round(sec["diffusers_fp32"] / min(sec["genlab_fp32"],
+                                                                                     sec["genlab_bf16_cl"]), 2)}
+    return out
+
+
+def bench_quality(run_dir: str, n: int, plans) -> dict:
+    from genlab import api
+    from genlab.eval.features import domain_classifier
+    from genlab.eval.image import class_accuracy, extract_features, fid_from_features
+
+    run = api.load(run_dir)
+    data = api.load_dataset(run.train_config.data)
+    clf = domain_classifier(run.train_config.data)
+    real = extract_features(clf, data.val.x)
+    labels = torch.arange(n) % run.model.config.num_classes if run.model.config.conditional else None
+    res = {"run": str(run_dir), "samples": n, "classifier_heldout_accuracy": clf.heldout_accuracy,
+           "reference": f"{len(data.val.x)} held-out images", "fid_heldout_vs_train_same_n": None, "rows": []}
+    res["fid_heldout_vs_train_same_n"] = round(fid_from_features(real, extract_features(clf, data.train.x[:n])), 3)
+    for sampler, steps, guidance in plans:
+        t0 = time.perf_counter()
+        imgs = api.sample(run, n, seed=0, labels=labels, sampler=sampler, steps=steps, guidance=guidance)
+        sec = time.perf_counter() - t0
+        row = {"sampler": sampler, "steps": steps, "guidance": guidance, "seconds": round(sec, 1),
+               "fid_domain": round(fid_from_features(real, extract_features(clf, imgs)), 3)}
+        if labels is not None:
+            row["class_accuracy"] = round(class_accuracy(clf, imgs, labels), 4)
+        print(json.dumps(row), flush=True)
+        res["rows"].append(row)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["train", "sample", "quality"], nargs="*", default=["train", "sample"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--run", default=None, help="a trained diffusion run for the quality part")
+    ap.add_argument("--samples", type=int, default=1000, help="quality: samples per sampler setting")
+    ap.add_argument("--out", default=str(OUT))
+    a = ap.parse_args()
+    out = Path(a.out)
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    doc["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                      "threads": torch.get_num_threads(),
+                      "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+    if "train" in a.only:
+        doc["train"] = bench_train(repeats=2 if a.quick else 7, steps=2 if a.quick else 6)
+        print(json.dumps(doc["train"]), flush=True)
+    if "sample" in a.only:
+        plans = [("ddim", 5), ("dpmpp_2m", 4)] if a.quick else [("ddim", 50), ("dpmpp_2m", 20)]
+        doc["sample"] = bench_sample(repeats=2 if a.quick else 5, n=16, plans=plans)
+        print(json.dumps(doc["sample"]), flush=True)
+    if "quality" in a.only:
+        if not a.run:
+            ap.error("--only quality needs --run RUN (a trained diffusion run)")
+        plans = ([("dpmpp_2m", 10, 0.0)] if a.quick else
+                 [("dpmpp_2m", 10, 0.0), ("dpmpp_2m", 20, 0.0), ("dpmpp_2m", 50, 0.0), ("ddim", 50, 0.0),
+                  ("ddpm", 1000, 0.0), ("dpmpp_2m", 20, 1.0), ("dpmpp_2m", 20, 3.0)])
+        doc["quality"] = bench_quality(a.run, 64 if a.quick else a.samples, plans)
+    doc["command"] = "python benchmarks/diffusion.py " + " ".join(
+        f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(a).items()
+        if v not in (None, False) and k != "out")
+    if not a.quick:
+        atomic_write_json(out, doc)
+
+
+if __name__ == "__main__":
+    main()
