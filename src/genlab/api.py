@@ -313,7 +313,8 @@ def sample(
 ):
     """`n` samples: a list of texts for language models, uint8 images (n, C, H, W) for image families.
     Image controls: `temperature` (latent / pixel temperature; 0 = the mode), `labels` (class ids, for
-    class-conditional runs; default cycles through the classes), and the family's own (see its docstring)."""
+    class-conditional runs; default cycles through the classes), and the family's own (see its docstring):
+    diffusion takes `sampler`, `steps`, `schedule`, `guidance`, `eta`, `precision` and `callback`."""
     run = _as_run(run)
     if run.modality == "text":
         if labels is not None:

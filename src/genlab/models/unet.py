@@ -116,12 +116,13 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) time steps (float ok), y (B,) class ids (num_classes = no class) or None."""
-        emb = self.time_mlp(timestep_embedding(t, self.base))  # (B, 4 base)
+        dtype = self.conv_in.weight.dtype  # the inputs follow the weights (fp32, or a bf16 copy for sampling)
+        emb = self.time_mlp(timestep_embedding(t, self.base).to(dtype))  # (B, 4 base)
         if self.class_emb is not None:
             if y is None:
                 raise ValueError("this U-Net is class-conditional: pass y (use num_classes for 'no class')")
             emb = emb + self.class_emb(y)
-        h = self.conv_in(x)
+        h = self.conv_in(x.to(dtype))
         hs = [h]
         for block in self.down:
             if isinstance(block, nn.ModuleList):

@@ -1,0 +1,116 @@
+"""The diffusion family: training losses, its sampling controls and their bad values, bf16 sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genlab.core.errors import ConfigError
+from genlab.models import build_config, build_model
+from genlab.sampling.denoisers import Denoiser
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return build_model(build_config({"family": "diffusion", "preset": "tiny", "channels": 1, "image_size": 8,
+                                     "num_classes": 3, **kw}))
+
+
+def _trained(**kw):
+    """A tiny model fitted for a few steps to a fixed batch (enough for its output to depend on its input)."""
+    m = _model(**kw)
+    x = torch.randint(0, 256, (16, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    y = torch.arange(16) % 3
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    torch.manual_seed(1)
+    for _ in range(15):
+        m.loss((x, y)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return m.eval()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_every_parameterization_and_min_snr_train(prediction):
+    for gamma in (0.0, 5.0):
+        m = _trained(prediction=prediction, min_snr_gamma=gamma)
+        out = m.sample(2, generator=torch.Generator().manual_seed(0), steps=4)
+        assert out.shape == (2, 1, 8, 8) and out.dtype == torch.uint8
+
+
+def test_eval_loss_is_reproducible_and_train_loss_is_random():
+    m = _model()
+    x = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
+    m.eval()
+    assert torch.equal(m.loss((x, None)).loss, m.loss((x, None)).loss)
+    m.train()
+    assert not torch.equal(m.loss((x, None)).loss, m.loss((x, None)).loss)
+
+
+def test_label_dropout_uses_the_null_class():
+    m = _model(conditional=True, p_uncond=0.5)
+    seen = []
+    net = m.denoiser.net
+    net.register_forward_hook(lambda mod, args, out: seen.append(args[2].clone()))
+    m.train()
+    torch.manual_seed(0)
+    m.loss((torch.zeros(64, 1, 8, 8, dtype=torch.uint8), torch.zeros(64, dtype=torch.long)))
+    assert set(seen[0].tolist()) == {0, 3} and 15 < int((seen[0] == 3).sum()) < 50  # 3 = "no class"
+
+
+def test_bf16_sampling_is_close_to_fp32():
+    m = _trained()
+    g = lambda: torch.Generator().manual_seed(4)  # noqa: E731
+    a = m.sample(8, generator=g(), sampler="ddim", steps=10).float()
+    b = m.sample(8, generator=g(), sampler="ddim", steps=10, precision="bf16").float()
+    assert (a - b).abs().mean() < 6  # pixel values 0..255
+    with pytest.raises(ConfigError, match="precision"):
+        m.sample(1, precision="fp16")
+
+
+def test_sampling_controls_reject_bad_values():
+    m, c = _model(), _model(conditional=True)
+    bad = [({"sampler": "plms"}, "known: ddim, ddpm, dpmpp_2m, euler, heun"), ({"steps": 0}, "steps=0"),
+           ({"steps": 2.5}, "steps=2.5"), ({"schedule": "x"}, "known: karras, model"),
+           ({"sampler": "ddim", "steps": 101}, "must be <= 100"), ({"eta": 0.5}, "eta applies to the ddim"),
+           ({"sampler": "ddim", "eta": 3.0}, "eta=3.0"), ({"guidance": 2.0}, "class-conditional"),
+           ({"temperature": 0.5}, "unknown sampling control")]
+    for kw, msg in bad:
+        with pytest.raises(ConfigError, match=msg):
+            m.sample(1, **kw)
+    with pytest.raises(ConfigError, match="guidance=100"):
+        c.sample(1, guidance=100.0)
+    with pytest.raises(ConfigError, match=r"labels in \[0, 2\]"):
+        c.sample(2, labels=torch.tensor([0, 5]))
+    with pytest.raises(ConfigError, match="not class-conditional"):
+        m.sample(1, labels=torch.tensor([0]))
+
+
+def test_inpaint_checks_shapes_and_keeps_pixels():
+    m = _trained()
+    img = torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8)
+    keep = torch.zeros(8, 8, dtype=torch.bool)
+    keep[:, :4] = True
+    out = m.inpaint(img, keep, 2, generator=torch.Generator().manual_seed(0), steps=10)
+    assert torch.equal(out[:, :, :, :4], img[None, :, :, :4].expand(2, -1, -1, -1))
+    with pytest.raises(ConfigError, match="the mask is"):
+        m.inpaint(img, keep[:4], 1)
+    with pytest.raises(ConfigError, match="the image is"):
+        m.inpaint(img[:, :4], keep, 1)
+    with pytest.raises(ConfigError, match="resample"):
+        m.inpaint(img, keep, 1, resample=0)
+
+
+def test_config_checks():
+    for bad, msg in [({"image_size": 6, "channel_mults": (1, 2, 2)}, "multiple of 4"),
+                     ({"attn_levels": (3,)}, "attn_levels"), ({"noise_schedule": "sqrt"}, "known: cosine, linear"),
+                     ({"prediction": "score"}, "known: eps, v, x0"), ({"p_uncond": 1.0}, "p_uncond"),
+                     ({"timesteps": 1}, "timesteps"), ({"base_channels": 9}, "base_channels")]:
+        with pytest.raises(ConfigError, match=msg):
+            build_config({"family": "diffusion", "preset": "tiny", "image_size": 8, **bad})
+
+
+def test_denoiser_is_the_only_parameter_owner():
+    m = _model()
+    assert isinstance(m.denoiser, Denoiser) and m.unet is m.denoiser.net
+    assert all(k.startswith("denoiser.net.") for k in m.state_dict())
