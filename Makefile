@@ -35,9 +35,11 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/lm_train.py
 	$(BIN)/python benchmarks/lm_generate.py
 	$(BIN)/python benchmarks/lm_quality.py
+	$(BIN)/python benchmarks/diffusion.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from genlab.core.checkpoint import atomic_write_json
+from genlab.sampling.image import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "diffusion.json"
@@ -187,11 +188,14 @@ def bench_quality(run_dir: str, n: int, plans) -> dict:
     res = {"run": str(run_dir), "samples": n, "classifier_heldout_accuracy": clf.heldout_accuracy,
            "reference": f"{len(data.val.x)} held-out images", "fid_heldout_vs_train_same_n": None, "rows": []}
     res["fid_heldout_vs_train_same_n"] = round(fid_from_features(real, extract_features(clf, data.train.x[:n])), 3)
-    for sampler, steps, guidance in plans:
+    for sampler, steps, guidance, precision in plans:
         t0 = time.perf_counter()
-        imgs = api.sample(run, n, seed=0, labels=labels, sampler=sampler, steps=steps, guidance=guidance)
+        imgs = api.sample(run, n, seed=0, labels=labels, sampler=sampler, steps=steps, guidance=guidance,
+                          precision=precision)
         sec = time.perf_counter() - t0
-        row = {"sampler": sampler, "steps": steps, "guidance": guidance, "seconds": round(sec, 1),
+        save_grid(imgs[:100], OUT.parent / f"diffusion_{sampler}_{steps}_w{guidance:g}_{precision}.png", nrow=10)
+        row = {"sampler": sampler, "steps": steps, "guidance": guidance, "precision": precision,
+               "seconds": round(sec, 1),
                "fid_domain": round(fid_from_features(real, extract_features(clf, imgs)), 3)}
         if labels is not None:
             row["class_accuracy"] = round(class_accuracy(clf, imgs, labels), 4)
@@ -223,9 +227,10 @@ def main():
     if "quality" in a.only:
         if not a.run:
             ap.error("--only quality needs --run RUN (a trained diffusion run)")
-        plans = ([("dpmpp_2m", 10, 0.0)] if a.quick else
-                 [("dpmpp_2m", 10, 0.0), ("dpmpp_2m", 20, 0.0), ("dpmpp_2m", 50, 0.0), ("ddim", 50, 0.0),
-                  ("ddpm", 1000, 0.0), ("dpmpp_2m", 20, 1.0), ("dpmpp_2m", 20, 3.0)])
+        plans = ([("dpmpp_2m", 10, 0.0, "fp32")] if a.quick else
+                 [("dpmpp_2m", 10, 0.0, "fp32"), ("dpmpp_2m", 20, 0.0, "fp32"), ("dpmpp_2m", 50, 0.0, "fp32"),
+                  ("ddim", 50, 0.0, "fp32"), ("ddpm", 1000, 0.0, "fp32"), ("dpmpp_2m", 20, 0.0, "bf16"),
+                  ("dpmpp_2m", 20, 1.0, "fp32"), ("dpmpp_2m", 20, 3.0, "fp32")])
         doc["quality"] = bench_quality(a.run, 64 if a.quick else a.samples, plans)
     doc["command"] = "python benchmarks/diffusion.py " + " ".join(
         f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(a).items()
