@@ -13,7 +13,7 @@ weights when `train.ema` > 0 (the configs use 0.999).
 - sampling controls: sampler (ddpm, ddim, euler, heun, dpmpp_2m), steps, schedule ("model": the training
   timesteps, "karras": Karras et al. 2022 sigmas; default: "model" for ddpm/ddim, "karras" for the others),
   guidance (w of D_c + w (D_c - D_u); 0 = plain conditional sampling), eta (ddim), labels, precision ("bf16":
-  a bfloat16 copy of the U-Net), callback (previews)
+  a bfloat16 copy of the U-Net), clip (x0 estimates clipped to [-1, 1]; on by default), callback (previews)
 - inpainting: `inpaint(image, keep)` keeps the known pixels (replacement method, optional RePaint resampling)
 """
 
@@ -29,7 +29,7 @@ from ..core.errors import ConfigError
 from ..core.outputs import StepOutput
 from ..nn.likelihoods import from_symmetric, to_symmetric
 from ..sampling import diffusion as samplers
-from ..sampling.denoisers import PREDICTIONS, Denoiser
+from ..sampling.denoisers import PREDICTIONS, ClippedDenoiser, Denoiser
 from ..sampling.schedules import BETA_SCHEDULES, SIGMA_SCHEDULES, alphas_cumprod, sampling_sigmas
 from . import check_image_fields, register_family
 from .unet import UNet
@@ -171,15 +171,15 @@ class Diffusion(torch.nn.Module):
         sigmas = sampling_sigmas(schedule, self.denoiser.sigmas.double(), steps)
         return sampler, sigmas, extra
 
-    def _denoiser_for(self, precision: str) -> Denoiser:
-        if precision == "fp32":
-            return self.denoiser
-        if precision != "bf16":
+    def _denoiser_for(self, precision: str, clip: bool):
+        if precision not in ("fp32", "bf16"):
             raise ConfigError(f"precision={precision!r} must be 'fp32' or 'bf16'")
-        c = self.config
-        net = copy.deepcopy(self.unet).to(torch.bfloat16).to(memory_format=torch.channels_last)
-        return Denoiser(net, alphas_cumprod(c.noise_schedule, c.timesteps), c.prediction,
-                        null_label=self.denoiser.null_label)
+        d = self.denoiser
+        if precision == "bf16":
+            c = self.config
+            net = copy.deepcopy(self.unet).to(torch.bfloat16)
+            d = Denoiser(net, alphas_cumprod(c.noise_schedule, c.timesteps), c.prediction, null_label=d.null_label)
+        return ClippedDenoiser(d) if clip else d
 
     def _noise(self, n, sigmas, generator):
         c = self.config
@@ -190,14 +190,14 @@ class Diffusion(torch.nn.Module):
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
                sampler: str | None = None, steps: int | None = None, schedule: str | None = None,
-               guidance: float = 0.0, eta: float | None = None, precision: str = "fp32", callback=None,
-               **controls) -> torch.Tensor:
+               guidance: float = 0.0, eta: float | None = None, precision: str = "fp32", clip: bool = True,
+               callback=None, **controls) -> torch.Tensor:
         """n images, uint8 (n, C, H, W). Labels (n,) for a conditional model default to cycling the classes.
         precision "bf16" runs a bfloat16 copy of the U-Net (faster on CPUs with AVX512-BF16); the sampler's state
-        stays fp32."""
+        stays fp32. clip (default on) clips the x0 estimates to the pixel range [-1, 1]."""
         if controls:
             raise ConfigError(f"unknown sampling control(s) for diffusion: {', '.join(sorted(controls))}; known: "
-                              "labels, sampler, steps, schedule, guidance, eta, precision")
+                              "labels, sampler, steps, schedule, guidance, eta, precision, clip")
         c = self.config
         if labels is not None and not c.conditional:
             raise ConfigError("this diffusion model is not class-conditional: it takes no labels")
@@ -208,8 +208,8 @@ class Diffusion(torch.nn.Module):
         was_training = self.training
         self.eval()
         try:
-            x = samplers.run_sampler(name, self._denoiser_for(precision), self._noise(n, sigmas, generator), sigmas,
-                                     generator=generator, callback=callback, cond=y, guidance=guidance, **extra)
+            x = samplers.run_sampler(name, self._denoiser_for(precision, clip), self._noise(n, sigmas, generator),
+                                     sigmas, generator=generator, callback=callback, cond=y, guidance=guidance, **extra)
         finally:
             self.train(was_training)
         return from_symmetric(x)
@@ -218,7 +218,8 @@ class Diffusion(torch.nn.Module):
     def inpaint(self, image: torch.Tensor, keep: torch.Tensor, n: int = 1, *,
                 generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
                 sampler: str = "ddpm", steps: int | None = None, schedule: str | None = None,
-                guidance: float = 0.0, resample: int = 1, precision: str = "fp32", callback=None) -> torch.Tensor:
+                guidance: float = 0.0, resample: int = 1, precision: str = "fp32", clip: bool = True,
+                callback=None) -> torch.Tensor:
         """`n` completions of one uint8 image (C, H, W): pixels where `keep` (H, W) is true are kept exactly, the
         others are generated. Default: DDPM with every training step (steps = timesteps)."""
         c = self.config
@@ -240,7 +241,8 @@ class Diffusion(torch.nn.Module):
         was_training = self.training
         self.eval()
         try:
-            x = samplers.inpaint(self._denoiser_for(precision), known, keep_t, self._noise(n, sigmas, generator), sigmas,
+            x = samplers.inpaint(self._denoiser_for(precision, clip), known, keep_t, self._noise(n, sigmas, generator),
+                                 sigmas,
                                  sampler=name, resample=resample, generator=generator, callback=callback, cond=y,
                                  guidance=guidance)
         finally:

@@ -114,3 +114,16 @@ def denoise(denoiser, x: torch.Tensor, sigma, cond: torch.Tensor | None = None, 
     both = denoiser(torch.cat([x, x]), sigma, torch.cat([cond, denoiser.null_cond(cond)]))
     d_cond, d_uncond = both.chunk(2)
     return classifier_free_guidance(d_cond, d_uncond, guidance)
+
+
+class ClippedDenoiser:
+    """The x0 estimates of `denoiser` clipped to the data range [lo, hi] (Ho et al. 2020 clip x0 to [-1, 1] in
+    their sampler; "static thresholding", Saharia et al. 2022, sec. 2.3). It keeps deterministic samplers of an
+    eps-model from drifting to saturated images, where x0 = x - sigma eps amplifies eps errors by sigma."""
+
+    def __init__(self, denoiser, lo: float = -1.0, hi: float = 1.0):
+        self.denoiser, self.lo, self.hi = denoiser, lo, hi
+        self.null_cond = getattr(denoiser, "null_cond", None)
+
+    def __call__(self, x, sigma, cond=None):
+        return self.denoiser(x, sigma, cond).clamp(self.lo, self.hi)
