@@ -161,6 +161,16 @@ def cmd_demo(a) -> int:
     return 0
 
 
+def cmd_compare(a) -> int:
+    from . import api
+
+    res = api.compare(a.data, a.families, a.budget_minutes, name=a.name, samples=a.samples,
+                      mia_images=a.mia_images, max_steps=a.max_steps, overrides=a.set, configs=a.configs,
+                      out=a.out, fresh=a.fresh, progress=lambda line: print(line, flush=True))
+    print(f"\n{res.table}\n\nreport: {res.html} (also {res.markdown.name} and {res.json.name} there)")
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -258,6 +268,28 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="folder for the runs and report.md")
     d.add_argument("--minutes", type=float, default=4.0, help="GPT training budget in minutes")
     d.set_defaults(fn=cmd_demo)
+
+    c = sub.add_parser("compare", help="train and measure several families on the same data and budget",
+                       formatter_class=fmt,
+                       description="Train (or reuse) each family from CONFIGS/<family>/<data>.toml with the same "
+                                   "data, split and wall-clock budget, evaluate all with the same evaluator, and "
+                                   "write OUT/NAME/report.html, report.md and results.json. A rerun reuses "
+                                   "the families already done (an interrupted compare resumes).")
+    c.add_argument("--data", required=True, help="data source, e.g. fashion-mnist, mnist, digits, shakespeare")
+    c.add_argument("--families", required=True, help="comma-separated, e.g. vae,gan,flow,pixelcnn,diffusion")
+    c.add_argument("--budget-minutes", type=float, required=True, help="wall-clock training budget per family")
+    c.add_argument("--name", default=None, help="report folder name under --out; None = the data name")
+    c.add_argument("--samples", type=int, default=None,
+                   help="samples per family; None = 1000 images, or 20 texts of 300 tokens")
+    c.add_argument("--mia-images", type=int, default=500,
+                   help="training and held-out examples (each) of the membership-inference attack")
+    c.add_argument("--max-steps", type=int, default=None, help="also stop each training after this many steps")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value in every family's config, e.g. --set data.max_images=2000 (repeatable)")
+    c.add_argument("--configs", default="configs", help="folder of <family>/<data>.toml run configs")
+    c.add_argument("--out", default="compare", help="folder for the compare reports and runs")
+    c.add_argument("--fresh", action="store_true", help="retrain and re-evaluate every family")
+    c.set_defaults(fn=cmd_compare)
     return p
 
 

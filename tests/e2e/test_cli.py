@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import run_cli
 
-VERBS = ["train", "generate", "sample", "eval", "export", "demo"]
+VERBS = ["train", "generate", "sample", "eval", "export", "demo", "inpaint", "compare"]
 
 
 def test_help_lists_verbs_and_each_verb_has_help():
