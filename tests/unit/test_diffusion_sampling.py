@@ -169,3 +169,18 @@ def test_inpaint_keeps_the_known_pixels_and_fills_the_rest_from_the_data():
     assert not torch.allclose(x[..., 2:, :], known[..., 2:, :])
     with pytest.raises(ValueError, match="resample"):
         S.inpaint(gaussian_denoiser, known, keep, known, sigmas, resample=0)
+
+
+def test_clipped_denoiser_keeps_x0_in_the_pixel_range():
+    from genlab.sampling.denoisers import ClippedDenoiser
+
+    class Wild:
+        def __call__(self, x, sigma, cond=None):
+            return x * 10
+
+        def null_cond(self, cond):
+            return cond * 0
+
+    D = ClippedDenoiser(Wild())
+    x = torch.linspace(-1, 1, 9)
+    assert torch.equal(D(x, 1.0), (x * 10).clamp(-1, 1)) and D.null_cond(torch.tensor([2])).item() == 0
