@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..core.config import from_dict, to_dict
 from ..core.errors import ConfigError
 from ..core.registry import Registry
@@ -42,6 +44,17 @@ def check_image_fields(cfg) -> None:
         raise ConfigError(f"model.num_classes={cfg.num_classes} must be >= 0 (0 = no labels)")
     if cfg.conditional and cfg.num_classes < 1:
         raise ConfigError("model.conditional=true needs model.num_classes >= 1 (a labelled data source)")
+
+
+def class_labels(cfg, y, n: int, what: str):
+    """The class ids (n,) a conditional image model sees, range-checked; None for an unconditional model."""
+    if not cfg.conditional:
+        return None
+    y = None if y is None else torch.as_tensor(y).long()
+    if y is None or len(y) != n or int(y.min()) < 0 or int(y.max()) >= cfg.num_classes:
+        got = None if y is None else y.tolist()[:12]
+        raise ConfigError(f"a class-conditional {what} needs {n} labels in [0, {cfg.num_classes - 1}]; got {got}")
+    return y
 
 
 def build_config(section: dict[str, Any]):

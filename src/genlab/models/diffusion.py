@@ -31,7 +31,7 @@ from ..nn.likelihoods import from_symmetric, to_symmetric
 from ..sampling import diffusion as samplers
 from ..sampling.denoisers import PREDICTIONS, ClippedDenoiser, Denoiser
 from ..sampling.schedules import BETA_SCHEDULES, SIGMA_SCHEDULES, alphas_cumprod, sampling_sigmas
-from . import check_image_fields, register_family
+from . import check_image_fields, class_labels, register_family
 from .unet import UNet
 
 
@@ -123,14 +123,7 @@ class Diffusion(torch.nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor | None:
-        c = self.config
-        if not c.conditional:
-            return None
-        if y is None or len(y) != n or int(y.min()) < 0 or int(y.max()) >= c.num_classes:
-            got = None if y is None else torch.as_tensor(y).tolist()[:12]
-            raise ConfigError(f"a class-conditional diffusion model needs {n} labels in [0, {c.num_classes - 1}]; "
-                              f"got {got}")
-        return torch.as_tensor(y).long()
+        return class_labels(self.config, y, n, "diffusion model")
 
     def loss(self, batch) -> StepOutput:
         """Mean DDPM loss of the batch (uint8 images scaled to [-1, 1]). In eval mode the noise and time steps are

@@ -35,7 +35,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from ..core.errors import ConfigError
 from ..core.outputs import StepOutput
 from ..nn.likelihoods import from_symmetric, to_symmetric
-from . import check_image_fields, register_family
+from . import check_image_fields, class_labels, register_family
 
 LOSSES = ("ns", "hinge", "wgan-gp")
 
@@ -170,13 +170,8 @@ class GAN(nn.Module):
 
     def _labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor | None:
         """The class ids the players see (None for an unconditional model); checks their range."""
-        c = self.config
-        if not c.conditional:
-            return None
-        if y is None or len(y) != n or int(y.min()) < 0 or int(y.max()) >= c.num_classes:
-            got = None if y is None else y.tolist()[:12]
-            raise ValueError(f"a class-conditional GAN needs {n} labels in [0, {c.num_classes - 1}]; got {got}")
-        return y.long().to(self.generator.fc.weight.device)
+        y = class_labels(self.config, y, n, "GAN")
+        return None if y is None else y.to(self.generator.fc.weight.device)
 
     def _z(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, self.config.z_dim, generator=generator, device=self.generator.fc.weight.device)
