@@ -126,9 +126,9 @@ def bench_train(repeats: int, steps: int) -> dict:
 
 
 @torch.inference_mode()
-def sample_genlab(model, sampler, steps, n, precision, seed=0):
+def sample_genlab(model, sampler, steps, n, precision, seed=0, compile=False):
     return model.sample(n, generator=torch.Generator().manual_seed(seed), sampler=sampler, steps=steps,
-                        precision=precision)
+                        precision=precision, compile=compile)
 
 
 @torch.inference_mode()
@@ -152,7 +152,9 @@ def sample_peer(unet, sampler, steps, n, seed=0):
 
 def bench_sample(repeats: int, n: int, plans) -> dict:
     """genlab fp32 and bf16 (`precision="bf16"`: a bfloat16 copy of the U-Net, the sampler state in fp32) against
-    diffusers' schedulers driving its UNet2DModel in fp32 (its default) and as a bfloat16 copy."""
+    diffusers' schedulers driving its UNet2DModel in fp32 (its default) and as a bfloat16 copy; and genlab's
+    opt-in `compile=True` (torch.compile, inductor freezing) of the bf16 copy, warm, with its first call's time
+    (the compile) reported apart. Medians of interleaved repeats after one warm-up call each."""
     ours, peer = build_genlab(False).eval(), build_peer().eval()
     peer16 = build_peer().eval().to(torch.bfloat16)
     out = {}
@@ -160,11 +162,15 @@ def bench_sample(repeats: int, n: int, plans) -> dict:
         variants = {
             "genlab_fp32": lambda s=sampler, k=steps: sample_genlab(ours, s, k, n, "fp32"),
             "genlab_bf16": lambda s=sampler, k=steps: sample_genlab(ours, s, k, n, "bf16"),
+            "genlab_bf16_compiled": lambda s=sampler, k=steps: sample_genlab(ours, s, k, n, "bf16", compile=True),
             "diffusers_fp32": lambda s=sampler, k=steps: sample_peer(peer, s, k, n),
             "diffusers_bf16": lambda s=sampler, k=steps: sample_peer(peer16, s, k, n),
         }
-        for f in variants.values():
-            f()  # warm-up
+        first = {}
+        for k, f in variants.items():
+            t0 = time.perf_counter()
+            f()  # warm-up (and, for the compiled variant, the compile)
+            first[k] = round(time.perf_counter() - t0, 2)
         times: dict[str, list[float]] = {k: [] for k in variants}
         order = list(variants)
         for r in range(repeats):
@@ -174,10 +180,11 @@ def bench_sample(repeats: int, n: int, plans) -> dict:
                 times[k].append(time.perf_counter() - t0)
         sec = {k: round(statistics.median(v), 3) for k, v in times.items()}
         out[f"{sampler}_{steps}"] = {
-            "images": n, "seconds": sec,
+            "images": n, "seconds": sec, "first_call_seconds": first,
             "ratio_fp32": round(sec["diffusers_fp32"] / sec["genlab_fp32"], 2),
             "ratio_bf16_vs_diffusers_fp32": round(sec["diffusers_fp32"] / sec["genlab_bf16"], 2),
-            "ratio_bf16_vs_diffusers_bf16": round(sec["diffusers_bf16"] / sec["genlab_bf16"], 2)}
+            "ratio_bf16_vs_diffusers_bf16": round(sec["diffusers_bf16"] / sec["genlab_bf16"], 2),
+            "ratio_bf16_compiled_vs_diffusers_fp32": round(sec["diffusers_fp32"] / sec["genlab_bf16_compiled"], 2)}
     return out
 
 

