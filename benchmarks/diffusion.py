@@ -28,6 +28,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -131,6 +132,56 @@ def sample_genlab(model, sampler, steps, n, precision, seed=0, compile=False):
                         precision=precision, compile=compile)
 
 
+@contextlib.contextmanager
+def eager_bf16():
+    """genlab's bf16 sampling net as an eager bfloat16 copy, without the oneDNN Graph fusion (unet.FusedUNet)
+    that a CPU run gets: for the models whose bf16 net is first built inside this context."""
+    import genlab.models.diffusion as family
+
+    fused, family.FusedUNet = family.FusedUNet, lambda net: net
+    try:
+        yield
+    finally:
+        family.FusedUNet = fused
+
+
+class PeerTraced(torch.nn.Module):
+    """diffusers' UNet2DModel traced and frozen into TorchScript and run with oneDNN Graph fusion: the lever of
+    genlab's bf16 sampling, given to the peer too."""
+
+    def __init__(self, unet, n):
+        super().__init__()
+        self.dtype = next(unet.parameters()).dtype
+        from genlab.models.unet import _onednn_fusion
+
+        self._fusion = _onednn_fusion
+        x, t = torch.randn(n, 1, SIZE, SIZE, dtype=self.dtype), torch.tensor(999)
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notices
+            self.traced = torch.jit.freeze(torch.jit.trace(_PeerForward(unet).eval(), (x, t), check_trace=False))
+
+    def parameters(self, recurse=True):
+        yield torch.empty(0, dtype=self.dtype)
+
+    def forward(self, x, t):
+        with self._fusion():
+            return _Sample(self.traced(x, t))
+
+
+class _PeerForward(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t):
+        return self.unet(x, t, return_dict=False)[0]
+
+
+class _Sample:
+    def __init__(self, sample):
+        self.sample = sample
+
+
 @torch.inference_mode()
 def sample_peer(unet, sampler, steps, n, seed=0):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
@@ -151,25 +202,34 @@ def sample_peer(unet, sampler, steps, n, seed=0):
 
 
 def bench_sample(repeats: int, n: int, plans) -> dict:
-    """genlab fp32 and bf16 (`precision="bf16"`: a bfloat16 copy of the U-Net, the sampler state in fp32) against
-    diffusers' schedulers driving its UNet2DModel in fp32 (its default) and as a bfloat16 copy; and genlab's
-    opt-in `compile=True` (torch.compile, inductor freezing) of the bf16 copy, warm, with its first call's time
-    (the compile) reported apart. Medians of interleaved repeats after one warm-up call each."""
+    """genlab fp32 and bf16 (`precision="bf16"`: a bfloat16 copy of the U-Net, on a CPU traced and fused by oneDNN
+    Graph; the sampler state in fp32), the same bf16 copy eager, and the opt-in `compile=True` (torch.compile,
+    inductor freezing) of the bf16 copy, warm, with its first call's time (the compile) reported apart; against
+    diffusers' schedulers driving its UNet2DModel in fp32 (its default), as a bfloat16 copy, and as that copy
+    traced and fused the same way. Medians of interleaved repeats after one warm-up call each (for the traced nets
+    it holds the two profiling runs of their graph); each ratio is the median of the ratios within a repeat, which
+    cancels the machine's drift between repeats."""
     ours, peer = build_genlab(False).eval(), build_peer().eval()
+    with eager_bf16():
+        ours_eager = build_genlab(False).eval()
+        sample_genlab(ours_eager, "ddim", 1, n, "bf16")  # builds its (eager) bf16 copy inside the context
     peer16 = build_peer().eval().to(torch.bfloat16)
+    peer16_fused = PeerTraced(build_peer().eval().to(torch.bfloat16), n)
     out = {}
     for sampler, steps in plans:
         variants = {
             "genlab_fp32": lambda s=sampler, k=steps: sample_genlab(ours, s, k, n, "fp32"),
             "genlab_bf16": lambda s=sampler, k=steps: sample_genlab(ours, s, k, n, "bf16"),
+            "genlab_bf16_eager": lambda s=sampler, k=steps: sample_genlab(ours_eager, s, k, n, "bf16"),
             "genlab_bf16_compiled": lambda s=sampler, k=steps: sample_genlab(ours, s, k, n, "bf16", compile=True),
             "diffusers_fp32": lambda s=sampler, k=steps: sample_peer(peer, s, k, n),
             "diffusers_bf16": lambda s=sampler, k=steps: sample_peer(peer16, s, k, n),
+            "diffusers_bf16_fused": lambda s=sampler, k=steps: sample_peer(peer16_fused, s, k, n),
         }
         first = {}
         for k, f in variants.items():
             t0 = time.perf_counter()
-            f()  # warm-up (and, for the compiled variant, the compile)
+            f()  # warm-up (and, for the compiled variant, the compile; for the traced ones, the profiling runs)
             first[k] = round(time.perf_counter() - t0, 2)
         times: dict[str, list[float]] = {k: [] for k in variants}
         order = list(variants)
@@ -179,12 +239,19 @@ def bench_sample(repeats: int, n: int, plans) -> dict:
                 variants[k]()
                 times[k].append(time.perf_counter() - t0)
         sec = {k: round(statistics.median(v), 3) for k, v in times.items()}
+
+        def ratio(peer_key, ours_key):
+            return round(statistics.median(a / b for a, b in zip(times[peer_key], times[ours_key])), 2)
+
         out[f"{sampler}_{steps}"] = {
             "images": n, "seconds": sec, "first_call_seconds": first,
-            "ratio_fp32": round(sec["diffusers_fp32"] / sec["genlab_fp32"], 2),
-            "ratio_bf16_vs_diffusers_fp32": round(sec["diffusers_fp32"] / sec["genlab_bf16"], 2),
-            "ratio_bf16_vs_diffusers_bf16": round(sec["diffusers_bf16"] / sec["genlab_bf16"], 2),
-            "ratio_bf16_compiled_vs_diffusers_fp32": round(sec["diffusers_fp32"] / sec["genlab_bf16_compiled"], 2)}
+            "ratio_fp32": ratio("diffusers_fp32", "genlab_fp32"),
+            "ratio_bf16_vs_diffusers_fp32": ratio("diffusers_fp32", "genlab_bf16"),
+            "ratio_bf16_vs_diffusers_bf16": ratio("diffusers_bf16", "genlab_bf16"),
+            "ratio_bf16_vs_diffusers_bf16_fused": ratio("diffusers_bf16_fused", "genlab_bf16"),
+            "ratio_bf16_eager_vs_diffusers_fp32": ratio("diffusers_fp32", "genlab_bf16_eager"),
+            "ratio_bf16_compiled_vs_diffusers_fp32": ratio("diffusers_fp32", "genlab_bf16_compiled"),
+            "repeats": repeats}
     return out
 
 
@@ -223,6 +290,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--run", default=None, help="a trained diffusion run for the quality part")
     ap.add_argument("--samples", type=int, default=1000, help="quality: samples per sampler setting")
+    ap.add_argument("--rows", default=None,
+                    help="quality: only these rows, sampler:steps:guidance:precision,... (e.g. dpmpp_2m:20:0:bf16)")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     out = Path(a.out)
@@ -235,7 +304,11 @@ def main():
         print(json.dumps(doc["train"]), flush=True)
     if "sample" in a.only:
         plans = [("ddim", 5), ("dpmpp_2m", 4)] if a.quick else [("ddim", 50), ("dpmpp_2m", 20)]
+        previous = [doc["sample"]] if "sample" in doc and "measured_at" in doc["sample"] else []
         doc["sample"] = bench_sample(repeats=2 if a.quick else 5, n=16, plans=plans)
+        doc["sample"]["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        # the runs before (newest first), to show the machine's drift between runs
+        doc["sample_earlier_runs"] = (previous + doc.get("sample_earlier_runs", []))[:4]
         print(json.dumps(doc["sample"]), flush=True)
     if "quality" in a.only:
         if not a.run:
@@ -244,10 +317,21 @@ def main():
                  [("dpmpp_2m", 10, 0.0, "fp32"), ("dpmpp_2m", 20, 0.0, "fp32"), ("dpmpp_2m", 50, 0.0, "fp32"),
                   ("ddim", 50, 0.0, "fp32"), ("ddpm", 1000, 0.0, "fp32"), ("dpmpp_2m", 20, 0.0, "bf16"),
                   ("dpmpp_2m", 20, 1.0, "fp32"), ("dpmpp_2m", 20, 3.0, "fp32")])
-        doc["quality"] = bench_quality(a.run, 64 if a.quick else a.samples, plans)
-    doc["command"] = "python benchmarks/diffusion.py " + " ".join(
+        if a.rows:  # a subset, re-measured: it replaces those rows of the last full measurement
+            plans = [(r.split(":")[0], int(r.split(":")[1]), float(r.split(":")[2]), r.split(":")[3])
+                     for r in a.rows.split(",")]
+        res = bench_quality(a.run, 64 if a.quick else a.samples, plans)
+        if a.rows and doc.get("quality", {}).get("samples") == res["samples"]:
+            new = {(r["sampler"], r["steps"], r["guidance"], r["precision"]): r for r in res["rows"]}
+            old = doc["quality"]["rows"]
+            keys = [(r["sampler"], r["steps"], r["guidance"], r["precision"]) for r in old]
+            res["rows"] = [new.pop(k, r) for k, r in zip(keys, old)] + list(new.values())
+        doc["quality"] = res
+    command = "python benchmarks/diffusion.py " + " ".join(
         f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(a).items()
-        if v not in (None, False) and k != "out")
+        if v not in (None, False) and k != "out" and (k != "samples" or "quality" in a.only))
+    doc.pop("command", None)
+    doc["commands"] = {**doc.get("commands", {}), **{part: command for part in a.only}}  # what measured each part
     if not a.quick:
         atomic_write_json(out, doc)
 

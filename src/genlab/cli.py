@@ -306,7 +306,8 @@ def _diffusion_args(p, sampler: str = "the model's, dpmpp_2m"):
     p.add_argument("--guidance", type=float, default=None,
                    help="diffusion, class-conditional: classifier-free guidance w in D_c + w (D_c - D_u); 0 = none")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                   help="diffusion: bf16 runs a bfloat16 copy of the U-Net (faster on AVX512-BF16 CPUs)")
+                   help="diffusion: bf16 runs a bfloat16 copy of the U-Net, fused by oneDNN Graph on a CPU "
+                        "(~1.7x fp32 on AVX512-BF16 CPUs; default fp32)")
 
 
 def _version() -> str:

@@ -50,6 +50,20 @@ def test_guidance_zero_is_the_conditional_path_and_classes_differ(cond_run):
     assert not (plain == api.sample(run, 4, labels=[2], **kw)).all()
 
 
+def test_bf16_sampling_from_the_cli_is_seeded_and_close_to_fp32(cond_run, tmp_path):
+    """--precision bf16 samples through the bf16 copy of the U-Net, traced and fused by oneDNN Graph on a CPU;
+    with guidance the net sees both branches in one batch of 2n."""
+    a, b, f = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "f.png"
+    args = ("sample", cond_run, "-n", 4, "--sampler", "dpmpp_2m", "--steps", 10, "--guidance", 1, "--class", 3,
+            "--seed", 0)
+    run_cli(*args, "--precision", "bf16", "--out", a, check=True)
+    run_cli(*args, "--precision", "bf16", "--out", b, check=True)
+    run_cli(*args, "--out", f, check=True)
+    assert np.array_equal(_png(a), _png(b))
+    diff = np.abs(_png(a).astype(int) - _png(f).astype(int))
+    assert diff.mean() < 4 and np.percentile(diff, 99) < 40, (diff.mean(), diff.max())  # bf16 rounding only
+
+
 def test_trajectory_png(cond_run, tmp_path):
     p = run_cli("sample", cond_run, "-n", 3, "--seed", 0, "--steps", 10, "--out", tmp_path / "g.png",
                 "--trajectory", tmp_path / "t.png", "--frames", 5, check=True)

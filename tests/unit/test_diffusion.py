@@ -7,6 +7,7 @@ import torch
 
 from genlab.core.errors import ConfigError
 from genlab.models import build_config, build_model
+from genlab.models.unet import FusedUNet, UpsampleConv
 from genlab.sampling.denoisers import Denoiser
 
 
@@ -144,6 +145,46 @@ def test_the_bf16_copy_is_kept_between_calls_and_rebuilt_when_the_weights_change
     fresh = m._sampling_unet("bf16", False)
     assert fresh is not net
     torch.testing.assert_close(next(fresh.parameters()).float(), next(m.unet.parameters()).bfloat16().float())
+
+
+def test_the_upsampler_is_nearest_upsampling_then_its_3x3_convolution():
+    """UpsampleConv runs DDPM's upsampler (2x nearest, conv 3x3) as the one stride-2 transposed convolution it
+    equals: the same outputs and gradients as the two steps, to float64 rounding, on non-square inputs too."""
+    torch.manual_seed(0)
+    up = UpsampleConv(5).double()
+    assert list(up.state_dict()) == ["1.weight", "1.bias"]  # the two-step form's parameters: checkpoints load
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"),
+                                     up[1].weight, up[1].bias, padding=1)
+    out = up(x)
+    assert out.shape == (2, 5, 14, 12)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    for a, b in zip(torch.autograd.grad((out * ref.detach()).sum(), [x, up[1].weight, up[1].bias]),
+                    torch.autograd.grad((ref * ref.detach()).sum(), [x, up[1].weight, up[1].bias])):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_the_fused_unet_matches_its_eager_forward_for_any_batch_with_and_without_labels():
+    """The bf16 sampling net on a CPU is the bf16 copy traced, frozen and fused by oneDNN Graph (unet.FusedUNet):
+    it computes the eager bf16 forward, for new batch sizes (the profiling runs re-specialise it) and for both
+    input forms a class-conditional U-Net takes (with y; the guided batch concatenates both branches)."""
+    m = _trained(conditional=True)
+    fused = m._sampling_unet("bf16", False)
+    assert isinstance(fused, FusedUNet)
+    eager = fused.net
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for b in (4, 4, 4, 7, 7, 7, 1):  # the first calls of each shape profile, the later ones run fused
+            x, t = torch.randn(b, 1, 8, 8, generator=g), torch.rand(b, generator=g) * 999
+            y = torch.randint(0, 4, (b,), generator=g)  # 3 = the "no class" label
+            out, ref = fused(x, t, y), eager(x, t, y)
+            assert out.shape == (b, 1, 8, 8) and out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.float(), ref.float(), atol=0.05, rtol=0.05)
+            torch.testing.assert_close(out.float(), m.unet(x, t, y), atol=0.1, rtol=0.1)  # near the fp32 net
+        with pytest.raises(ValueError, match="pass y"):  # the conditional net still refuses a missing label
+            fused(x, t)
+    with pytest.raises(RuntimeError, match="inference"):
+        fused(x, t, y)  # gradients on: not this net's job
 
 
 @pytest.mark.slow

@@ -9,11 +9,15 @@ Layout, for channel_mults (1, 2, 2) and base 32 on 28x28 images:
            level 1: res x n [+attn] -> downsample        (B, 64, 7, 7)
            level 2: res x n [+attn]                      (B, 64, 7, 7)
     mid:   res, attn, res
-    up:    level 2..0: res x (n + 1) on [h, skip] [+attn] -> upsample (nearest + conv 3x3)
+    up:    level 2..0: res x (n + 1) on [h, skip] [+attn] -> upsample (nearest + conv 3x3, as one
+           stride-2 transposed convolution)
     out:   GroupNorm, SiLU, conv 3x3                     (B, C, 28, 28)
 """
 
 from __future__ import annotations
+
+import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +68,27 @@ class Attention(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
+def _nearest_up_taps(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """3 taps of a convolution after 2x nearest upsampling -> the 4 taps of the stride-2 transposed convolution
+    it equals along `dim`: out[2i] = w0 x[i-1] + (w1 + w2) x[i], out[2i+1] = (w0 + w1) x[i] + w2 x[i+1]."""
+    w0, w1, w2 = w.unbind(dim)
+    return torch.stack([w2, w1 + w2, w0 + w1, w0], dim)
+
+
+class UpsampleConv(nn.Sequential):
+    """2x nearest upsampling, then a 3x3 convolution (DDPM's upsampler), computed as the one stride-2 4x4
+    transposed convolution that equals it (the resize-convolution of Odena et al. 2016, folded): the same function
+    and parameters (the 3x3 convolution's, `.1.weight`, `.1.bias`), 2.25x fewer multiply-adds."""
+
+    def __init__(self, channels: int):
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(channels, channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self[1]
+        w = _nearest_up_taps(_nearest_up_taps(conv.weight, 2), 3)  # (C_out, C_in, 4, 4)
+        return F.conv_transpose2d(x, w.transpose(0, 1), conv.bias, stride=2, padding=1)
+
+
 class UNet(nn.Module):
     def __init__(
         self,
@@ -109,8 +134,7 @@ class UNet(nn.Module):
                                                Attention(ch, groups) if lvl in attn_levels else nn.Identity()]))
                 c = ch
             if lvl > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                             nn.Conv2d(c, c, 3, padding=1)))
+                self.up.append(UpsampleConv(c))
         self.norm_out = _norm(c, groups)
         self.conv_out = nn.Conv2d(c, out_channels, 3, padding=1)
 
@@ -137,3 +161,39 @@ class UNet(nn.Module):
             else:  # upsample
                 h = block(h)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, C_out, H, W)
+
+
+@contextlib.contextmanager
+def _onednn_fusion():
+    prev = torch.jit.onednn_fusion_enabled()
+    torch.jit.enable_onednn_fusion(True)
+    try:
+        yield
+    finally:
+        torch.jit.enable_onednn_fusion(prev)
+
+
+class FusedUNet(nn.Module):
+    """A U-Net for CPU inference: traced to TorchScript, frozen (the weights become constants) and run with oneDNN
+    Graph fusion, which fuses convolutions with their bias, adds and SiLUs, and GroupNorm chains, into oneDNN
+    kernels (about 1.4x a bfloat16 U-Net's eager forward on AVX512-BF16 CPUs, benchmarks/diffusion.py). Traced on
+    the first call of each input form (with or without y) in well under a second; the first two calls of a new
+    input shape profile the graph, later ones run fused. Inference only: `net` must not be trained meanwhile."""
+
+    def __init__(self, net: UNet):
+        super().__init__()
+        self.net = net.eval()
+        self._traced: dict[bool, torch.jit.ScriptModule] = {}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise RuntimeError("FusedUNet is for inference: call it under torch.no_grad() or inference_mode()")
+        args = (x, t) + (() if y is None else (y,))
+        traced = self._traced.get(y is not None)
+        if traced is None:
+            with warnings.catch_warnings():  # TorchScript's deprecation notices, GroupNorm's batch-size check
+                warnings.simplefilter("ignore")
+                traced = torch.jit.freeze(torch.jit.trace(self.net, args, check_trace=False))
+            self._traced[y is not None] = traced
+        with _onednn_fusion():
+            return traced(*args)
