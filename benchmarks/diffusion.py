@@ -305,7 +305,7 @@ def main():
     if "sample" in a.only:
         plans = [("ddim", 5), ("dpmpp_2m", 4)] if a.quick else [("ddim", 50), ("dpmpp_2m", 20)]
         previous = [doc["sample"]] if "sample" in doc and "measured_at" in doc["sample"] else []
-        doc["sample"] = bench_sample(repeats=2 if a.quick else 5, n=16, plans=plans)
+        doc["sample"] = bench_sample(repeats=2 if a.quick else 9, n=16, plans=plans)
         doc["sample"]["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         # the runs before (newest first), to show the machine's drift between runs
         doc["sample_earlier_runs"] = (previous + doc.get("sample_earlier_runs", []))[:4]

@@ -187,6 +187,21 @@ def test_the_fused_unet_matches_its_eager_forward_for_any_batch_with_and_without
         fused(x, t, y)  # gradients on: not this net's job
 
 
+def test_the_fused_unet_falls_back_to_the_eager_net_when_tracing_fails(monkeypatch):
+    m = _trained(conditional=True)
+    fused = m._sampling_unet("bf16", False)
+
+    def broken(*a, **k):
+        raise RuntimeError("no TorchScript here")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3.0, 500.0])
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no TorchScript here"):
+        out = fused(x, t, torch.tensor([0, 3]))
+    with torch.no_grad():
+        torch.testing.assert_close(out, fused.net(x, t, torch.tensor([0, 3])))
+
+
 @pytest.mark.slow
 def test_compiled_sampling_gives_the_samples_of_the_plain_network():
     m = _trained(conditional=True)

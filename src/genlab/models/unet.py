@@ -191,9 +191,16 @@ class FusedUNet(nn.Module):
         args = (x, t) + (() if y is None else (y,))
         traced = self._traced.get(y is not None)
         if traced is None:
-            with warnings.catch_warnings():  # TorchScript's deprecation notices, GroupNorm's batch-size check
-                warnings.simplefilter("ignore")
-                traced = torch.jit.freeze(torch.jit.trace(self.net, args, check_trace=False))
+            try:
+                with warnings.catch_warnings():  # TorchScript's deprecation notices, GroupNorm's batch-size check
+                    warnings.simplefilter("ignore")
+                    traced = torch.jit.freeze(torch.jit.trace(self.net, args, check_trace=False))
+            except Exception as e:  # the net's own errors (a missing y) come back from the eager call below
+                out = self.net(*args)
+                warnings.warn(f"FusedUNet: tracing failed ({type(e).__name__}: {e}); running the U-Net eagerly",
+                              RuntimeWarning, stacklevel=2)
+                self._traced[y is not None] = self.net
+                return out
             self._traced[y is not None] = traced
         with _onednn_fusion():
             return traced(*args)
