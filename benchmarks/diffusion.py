@@ -240,7 +240,7 @@ def bench_sample(repeats: int, n: int, plans) -> dict:
                 times[k].append(time.perf_counter() - t0)
         sec = {k: round(statistics.median(v), 3) for k, v in times.items()}
 
-        def ratio(peer_key, ours_key):
+        def ratio(peer_key, ours_key, times=times):
             return round(statistics.median(a / b for a, b in zip(times[peer_key], times[ours_key])), 2)
 
         out[f"{sampler}_{steps}"] = {

@@ -43,7 +43,7 @@ def test_every_sampler_from_the_cli_is_seeded(cond_run, sampler, tmp_path):
 
 def test_guidance_zero_is_the_conditional_path_and_classes_differ(cond_run):
     run = api.load(cond_run)
-    kw = dict(seed=3, sampler="ddim", steps=10)
+    kw = {"seed": 3, "sampler": "ddim", "steps": 10}
     plain = api.sample(run, 4, labels=[5], **kw)
     assert (plain == api.sample(run, 4, labels=[5], guidance=0.0, **kw)).all()
     assert not (plain == api.sample(run, 4, labels=[5], guidance=3.0, **kw)).all()

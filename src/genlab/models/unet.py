@@ -195,7 +195,7 @@ class FusedUNet(nn.Module):
                 with warnings.catch_warnings():  # TorchScript's deprecation notices, GroupNorm's batch-size check
                     warnings.simplefilter("ignore")
                     traced = torch.jit.freeze(torch.jit.trace(self.net, args, check_trace=False))
-            except Exception as e:  # the net's own errors (a missing y) come back from the eager call below
+            except Exception as e:  # noqa: BLE001  (any tracing failure; the net's own errors come back below)
                 out = self.net(*args)
                 warnings.warn(f"FusedUNet: tracing failed ({type(e).__name__}: {e}); running the U-Net eagerly",
                               RuntimeWarning, stacklevel=2)
