@@ -28,13 +28,13 @@ import os
 import platform
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from genlab.core.checkpoint import atomic_write_json
+from genlab.models.unet import FusedUNet
 from genlab.sampling.image import save_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,41 +145,16 @@ def eager_bf16():
         family.FusedUNet = fused
 
 
-class PeerTraced(torch.nn.Module):
-    """diffusers' UNet2DModel traced and frozen into TorchScript and run with oneDNN Graph fusion: the lever of
-    genlab's bf16 sampling, given to the peer too."""
+class PeerForward(torch.nn.Module):
+    """diffusers' UNet2DModel called as net(x, t) -> tensor, so that genlab's FusedUNet (TorchScript + oneDNN
+    Graph fusion, the lever of genlab's bf16 sampling) can run the peer too."""
 
-    def __init__(self, unet, n):
-        super().__init__()
-        self.dtype = next(unet.parameters()).dtype
-        from genlab.models.unet import _onednn_fusion
-
-        self._fusion = _onednn_fusion
-        x, t = torch.randn(n, 1, SIZE, SIZE, dtype=self.dtype), torch.tensor(999)
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript's deprecation notices
-            self.traced = torch.jit.freeze(torch.jit.trace(_PeerForward(unet).eval(), (x, t), check_trace=False))
-
-    def parameters(self, recurse=True):
-        yield torch.empty(0, dtype=self.dtype)
-
-    def forward(self, x, t):
-        with self._fusion():
-            return _Sample(self.traced(x, t))
-
-
-class _PeerForward(torch.nn.Module):
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
     def forward(self, x, t):
         return self.unet(x, t, return_dict=False)[0]
-
-
-class _Sample:
-    def __init__(self, sample):
-        self.sample = sample
 
 
 @torch.inference_mode()
@@ -196,7 +171,8 @@ def sample_peer(unet, sampler, steps, n, seed=0):
     x = torch.randn(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)) * sch.init_noise_sigma
     dtype = next(unet.parameters()).dtype
     for t in sch.timesteps:
-        eps = unet(sch.scale_model_input(x, t).to(dtype), t).sample.float()
+        out = unet(sch.scale_model_input(x, t).to(dtype), t)
+        eps = (out if isinstance(out, torch.Tensor) else out.sample).float()
         x = sch.step(eps, t, x).prev_sample
     return x
 
@@ -214,7 +190,7 @@ def bench_sample(repeats: int, n: int, plans) -> dict:
         ours_eager = build_genlab(False).eval()
         sample_genlab(ours_eager, "ddim", 1, n, "bf16")  # builds its (eager) bf16 copy inside the context
     peer16 = build_peer().eval().to(torch.bfloat16)
-    peer16_fused = PeerTraced(build_peer().eval().to(torch.bfloat16), n)
+    peer16_fused = FusedUNet(PeerForward(build_peer().eval().to(torch.bfloat16)))
     out = {}
     for sampler, steps in plans:
         variants = {
@@ -284,6 +260,18 @@ def bench_quality(run_dir: str, n: int, plans) -> dict:
     return res
 
 
+def _row(text: str, ap: argparse.ArgumentParser) -> tuple[str, int, float, str]:
+    """'sampler:steps:guidance:precision' -> a quality plan row; a malformed one stops with the expected form."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 4 or parts[3] not in ("fp32", "bf16"):
+            raise ValueError
+        return parts[0], int(parts[1]), float(parts[2]), parts[3]
+    except ValueError:
+        ap.error(f"--rows: {text!r} is not sampler:steps:guidance:precision (e.g. dpmpp_2m:20:0:bf16; "
+                 "precision fp32 or bf16)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["train", "sample", "quality"], nargs="*", default=["train", "sample"])
@@ -318,8 +306,7 @@ def main():
                   ("ddim", 50, 0.0, "fp32"), ("ddpm", 1000, 0.0, "fp32"), ("dpmpp_2m", 20, 0.0, "bf16"),
                   ("dpmpp_2m", 20, 1.0, "fp32"), ("dpmpp_2m", 20, 3.0, "fp32")])
         if a.rows:  # a subset, re-measured: it replaces those rows of the last full measurement
-            plans = [(r.split(":")[0], int(r.split(":")[1]), float(r.split(":")[2]), r.split(":")[3])
-                     for r in a.rows.split(",")]
+            plans = [_row(r, ap) for r in a.rows.split(",")]
         res = bench_quality(a.run, 64 if a.quick else a.samples, plans)
         if a.rows and doc.get("quality", {}).get("samples") == res["samples"]:
             new = {(r["sampler"], r["steps"], r["guidance"], r["precision"]): r for r in res["rows"]}

@@ -51,7 +51,7 @@ from ..data.datasets import SOURCES, DataConfig
 from ..models import MODELS
 from ..sampling.image import save_grid
 from . import privacy
-from .features import (INCEPTION_DESCRIPTION, _data_identity, cache_folder, domain_classifier, inception_v3,
+from .features import (INCEPTION_DESCRIPTION, cache_folder, data_identity, domain_classifier, inception_v3,
                        inception_weights)
 from .image import class_accuracy, fid_from_features, image_metrics, kid
 from .text import distinct_n, longest_overlap, self_bleu
@@ -435,7 +435,7 @@ class _ImageEvaluator:
     @cached_property
     def inception_real(self) -> torch.Tensor:
         """Inception features of the held-out images, computed once and cached beside the domain classifiers."""
-        ident = json.dumps({"data": _data_identity(self.data_cfg), "settings": INCEPTION_SETTINGS,
+        ident = json.dumps({"data": data_identity(self.data_cfg), "settings": INCEPTION_SETTINGS,
                             "images": len(self.data.val)}, sort_keys=True)
         path = cache_folder() / f"inception-{self.data_cfg.source}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"\
                                 ".safetensors"

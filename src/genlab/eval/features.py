@@ -87,7 +87,7 @@ def cache_folder(cache_dir: str | Path | None = None) -> Path:
     return Path(xdg).expanduser() / "genlab" / "features"
 
 
-def _data_identity(cfg: DataConfig) -> dict[str, Any]:
+def data_identity(cfg: DataConfig) -> dict[str, Any]:
     """What decides the images: the data config and, for a user's file or folder, its size and mtime."""
     ident: dict[str, Any] = {k: getattr(cfg, k) for k in
                              ("source", "val_fraction", "image_size", "channels", "resize", "max_images")}
@@ -99,7 +99,7 @@ def _data_identity(cfg: DataConfig) -> dict[str, Any]:
 
 
 def _cache_key(cfg: DataConfig, data: ImageData, recipe: dict[str, Any]) -> str:
-    blob = json.dumps({"recipe": recipe, "data": _data_identity(cfg)}, sort_keys=True).encode()
+    blob = json.dumps({"recipe": recipe, "data": data_identity(cfg)}, sort_keys=True).encode()
     digest = hashlib.sha256(blob).hexdigest()[:16]
     x = data.train.x
     return f"{cfg.source}-{x.shape[1]}x{x.shape[2]}x{x.shape[3]}-{data.num_classes}c-{digest}"
@@ -196,7 +196,7 @@ def domain_classifier(data_cfg_or_source: DataConfig | str, *, cache_dir: str | 
     seconds = time.perf_counter() - t0
     log.info("domain classifier for %s: held-out accuracy %.4f on %d images (%.0f s)", cfg.source,
              net.heldout_accuracy, len(data.val), seconds)
-    meta = {"format_version": FORMAT_VERSION, "source": cfg.source, "data": _data_identity(cfg),
+    meta = {"format_version": FORMAT_VERSION, "source": cfg.source, "data": data_identity(cfg),
             "shape": list(data.train.x.shape[1:]), "num_classes": data.num_classes,
             "heldout_accuracy": net.heldout_accuracy, "heldout_images": len(data.val),
             "train_seconds": round(seconds, 1), "recipe": recipe}

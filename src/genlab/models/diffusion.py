@@ -215,7 +215,8 @@ class Diffusion(torch.nn.Module):
                compile: bool = False, callback=None, **controls) -> torch.Tensor:
         """n images, uint8 (n, C, H, W). Labels (n,) for a conditional model default to cycling the classes.
         precision "bf16" runs a bfloat16 copy of the U-Net, on a CPU traced and fused by oneDNN Graph (faster on
-        CPUs with AVX512-BF16; the first call traces it, well under a second); the sampler's state stays fp32. clip (default on) clips the x0 estimates to the pixel range [-1, 1]. compile=True runs the
+        CPUs with AVX512-BF16; the first call traces it, well under a second); the sampler's state stays fp32.
+        clip (default on) clips the x0 estimates to the pixel range [-1, 1]. compile=True runs the
         U-Net through torch.compile (inductor, weights frozen): tens of seconds on the first call and on each new
         batch size, then faster calls; worth it for many batches in one process (a server), not for one grid."""
         if controls:
