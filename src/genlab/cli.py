@@ -148,9 +148,17 @@ def cmd_export(a) -> int:
     from . import api
     from .adapt.hf import export_hf
 
-    out = export_hf(api.load(a.run), a.out)
-    print(f"exported {a.run} as a Hugging Face GPT-2 folder: {out}")
-    print(f"load it with: transformers.GPT2LMHeadModel.from_pretrained({str(out)!r})")
+    run = api.load(a.run)
+    out = export_hf(run, a.out, overwrite=a.overwrite)
+    ctx, eos = run.model.config.block_size, run.eos_id()
+    print(f"exported {a.run} as a Hugging Face GPT-2 folder (GPT2LMHeadModel + tokenizer.json): {out}")
+    print(f"use it with: transformers.pipeline('text-generation', model={str(out)!r}), or AutoTokenizer and "
+          "AutoModelForCausalLM.from_pretrained")
+    print(f"context: {ctx} tokens, prompt and new tokens together; generation stops there by default, and "
+          f"transformers fails on a longer request: keep prompt + max_new_tokens <= {ctx}, or pass "
+          "handle_long_generation='hole' to the pipeline to drop the start of the prompt")
+    print("end of text: none (a character vocabulary has none): generation runs to the length asked" if eos is None
+          else f"end of text: <|endoftext|> (id {eos}), also the pad token")
     return 0
 
 
@@ -258,10 +266,13 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="export a run to another library's format", formatter_class=fmt,
-                       description="Export a gpt run as a Hugging Face GPT-2 folder.")
+                       description="Export a gpt run as a Hugging Face GPT-2 folder that transformers' AutoTokenizer, "
+                                   "AutoModelForCausalLM and pipeline('text-generation') load as they are.")
     x.add_argument("run", help="run folder")
     x.add_argument("out", help="output folder")
     x.add_argument("--format", choices=["hf"], default="hf", help="target format")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in `out` (a folder holding other files is always refused)")
     x.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("demo", help="the main job: n-gram vs GPT on Shakespeare", formatter_class=fmt,

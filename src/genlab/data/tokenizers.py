@@ -67,6 +67,18 @@ class CharTokenizer:
     def to_json(self) -> str:
         return json.dumps({"genlab_tokenizer": "char", "chars": self.chars}, ensure_ascii=False)
 
+    def to_hf(self):
+        """The same vocabulary as a Hugging Face `tokenizers.Tokenizer` (what transformers reads from a
+        tokenizer.json): every character, newlines and spaces included, is one token with genlab's id, and
+        decoding joins the pieces back exactly."""
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer(models.WordLevel({c: i for i, c in enumerate(self.chars)}))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        return tok
+
 
 def _chunks(text: str) -> list[str]:
     return [c for c in re.split(r"(?<=\n)(?=\S)", text) if c]
@@ -118,6 +130,10 @@ class BPETokenizer:
 
     def to_json(self) -> str:
         return self._tok.to_str()
+
+    def to_hf(self):
+        """The Hugging Face `tokenizers.Tokenizer` itself."""
+        return self._tok
 
 
 def train_tokenizer(kind: str, text: str, *, vocab_size: int = 1024) -> Tokenizer:
