@@ -149,8 +149,8 @@ def _train(data: ImageData, recipe: dict[str, Any]) -> DomainClassifier:
             loss.backward()
             opt.step()
             step, loss_sum, seen = step + 1, loss_sum + float(loss.detach()) * len(idx), seen + len(idx)
-        log.info("domain classifier epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, recipe["epochs"],
-                 loss_sum / max(seen, 1), time.perf_counter() - t0)
+        log.debug("domain classifier epoch %d/%d: loss %.4f (%.0f s)", epoch + 1, recipe["epochs"],
+                  loss_sum / max(seen, 1), time.perf_counter() - t0)
     net.eval()
     net.heldout_accuracy = class_accuracy(net, data.val.x, data.val.y)
     return net
@@ -194,8 +194,8 @@ def domain_classifier(data_cfg_or_source: DataConfig | str, *, cache_dir: str | 
     t0 = time.perf_counter()
     net = _train(data, recipe)
     seconds = time.perf_counter() - t0
-    log.info("domain classifier for %s: held-out accuracy %.4f on %d images (%.0f s)", cfg.source,
-             net.heldout_accuracy, len(data.val), seconds)
+    log.info("domain classifier for %s: trained %d epochs in %.0f s; held-out accuracy %.4f on %d images",
+             cfg.source, epochs, seconds, net.heldout_accuracy, len(data.val))
     meta = {"format_version": FORMAT_VERSION, "source": cfg.source, "data": data_identity(cfg),
             "shape": list(data.train.x.shape[1:]), "num_classes": data.num_classes,
             "heldout_accuracy": net.heldout_accuracy, "heldout_images": len(data.val),
