@@ -501,35 +501,3 @@ def _evaluate_images(run: Run, max_images: int | None, iwae_k: int, batch_size: 
                                         nrow=k))
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
-
-
-# ---------------------------------------------------------------- compare
-
-
-def compare(
-    data: str,
-    families: str | list[str],
-    budget_minutes: float,
-    *,
-    name: str | None = None,
-    samples: int | None = None,
-    mia_images: int = 500,
-    max_steps: int | None = None,
-    overrides: list[str] = (),
-    configs: str | Path = "configs",
-    out: str | Path = "compare",
-    fresh: bool = False,
-    inception: bool = False,
-    progress=None,
-):
-    """Train (or reuse) each family from `configs/<family>/<data>.toml` under the same data, split and wall-clock
-    budget, evaluate all with the same evaluator, and write `out/<name>/results.json`, `report.md` and
-    `report.html` (see genlab.eval.compare). Families already in results.json with the same config are reused;
-    `fresh=True` retrains all. `inception=True` adds the standard Inception-v3 FID / KID. `progress(line)`
-    receives one line per step of each family. Returns a
-    `CompareResult` (folder, results, a plain-text table)."""
-    from .eval.compare import run_compare
-
-    return run_compare(data, families, budget_minutes, name=name, samples=samples, mia_images=mia_images,
-                       max_steps=max_steps, overrides=overrides, configs=configs, out=out, fresh=fresh,
-                       inception=inception, progress=progress)

