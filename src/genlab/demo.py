@@ -23,7 +23,7 @@ def _configs(out: Path, gpt_minutes: float) -> list[api.RunConfig]:
         "name": "gpt", "out_dir": str(out), "data": data,
         "model": {"family": "gpt", "preset": "baby"},
         "train": {"max_steps": 0, "max_minutes": gpt_minutes, "batch_size": 32, "lr": 3e-3, "warmup_steps": 30,
-                  "min_lr_ratio": 0.05, "precision": "bf16", "eval_every": 1000, "eval_batches": 10,
+                  "min_lr_ratio": 0.05, "precision": "auto", "eval_every": 1000, "eval_batches": 10,
                   "checkpoint_every": 1000},
     })
     return [ngram, gpt]
@@ -40,7 +40,8 @@ def run_demo(out: Path, *, gpt_minutes: float = 4.0, print_fn=print) -> Path:
         train_s = time.perf_counter() - t0
         run = api.load(run_dir)
         ev = api.evaluate(run)
-        rows.append({"model": f"{family} ({rc.model['preset']})", "parameters": ev["parameters"],
+        unit = " stored n-grams" if family == "ngram" else ""
+        rows.append({"model": f"{family} ({rc.model['preset']})", "parameters": f"{ev['parameters']:,}{unit}",
                      "train_s": train_s, "steps": res.step, "bits_per_char": ev["bits_per_char"],
                      "perplexity": ev["perplexity"], "run": str(run_dir)})
         samples[family] = {t: api.generate(run, PROMPT, seed=0, temperature=t, max_new_tokens=300)[0]
@@ -57,20 +58,26 @@ def run_demo(out: Path, *, gpt_minutes: float = 4.0, print_fn=print) -> Path:
 
 def _table(rows) -> str:
     head = "| model | parameters | train time | held-out bits/char | perplexity (per char) |\n|---|---:|---:|---:|---:|"
-    lines = [f"| {r['model']} | {r['parameters']:,} | {r['train_s']:.0f} s | {r['bits_per_char']:.3f} | "
+    lines = [f"| {r['model']} | {r['parameters']} | {r['train_s']:.0f} s | {r['bits_per_char']:.3f} | "
              f"{r['perplexity']:.2f} |" for r in rows]
     return "\n".join([head, *lines])
+
+
+def _precision() -> str:
+    from .core.runtime import resolve_precision
+
+    return resolve_precision("auto")
 
 
 def _report(table: str, samples, gpt_minutes: float) -> str:
     parts = [
         "# genlab demo: n-gram vs GPT on Shakespeare\n",
-        "Both models see the same character vocabulary and the same split: the first 90% of the 42 works "
-        "for training, the last 10% held out. Held-out loss is measured on non-overlapping windows of 64 "
-        "characters (each character predicted from the ones before it in its window).\n",
-        f"The n-gram is an interpolated Kneser-Ney model of order 7 (counted in one pass); the GPT is the "
-        f"`baby` preset (4 layers, 4 heads, 128 wide, context 64) trained for {gpt_minutes:g} minutes on "
-        "this CPU with bf16 autocast.\n",
+        ("Both models see the same character vocabulary and the same split: the first 90% of the 42 works "
+         "for training, the last 10% held out. Held-out loss is measured on non-overlapping windows of 64 "
+         "characters (each character predicted from the ones before it in its window).\n"),
+        (f"The n-gram is an interpolated Kneser-Ney model of order 7 (counted in one pass); the GPT is the "
+         f"`baby` preset (4 layers, 4 heads, 128 wide, context 64) trained for {gpt_minutes:g} minutes on "
+         f"this CPU in {_precision()} (bf16 autocast where the CPU has native bfloat16, else fp32).\n"),
         table,
         "\n(parameters of the n-gram: stored n-gram statistics)\n",
     ]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core import runtime
 from ..core.errors import ConfigError
 from ..core.outputs import StepOutput
 from ..nn.likelihoods import from_symmetric, to_symmetric
@@ -136,6 +137,8 @@ class Diffusion(torch.nn.Module):
     def _labels(self, y: torch.Tensor | None, n: int) -> torch.Tensor | None:
         return class_labels(self.config, y, n, "diffusion model")
 
+    loss_unit = "denoising loss, not a likelihood"  # what loss() returns, named wherever it is printed
+
     def loss(self, batch) -> StepOutput:
         """Mean DDPM loss of the batch (uint8 images scaled to [-1, 1]). In eval mode the noise and time steps are
         drawn from a fixed seed, so held-out losses are comparable between evaluations."""
@@ -215,7 +218,7 @@ class Diffusion(torch.nn.Module):
                compile: bool = False, callback=None, **controls) -> torch.Tensor:
         """n images, uint8 (n, C, H, W). Labels (n,) for a conditional model default to cycling the classes.
         precision "bf16" runs a bfloat16 copy of the U-Net, on a CPU traced and fused by oneDNN Graph (faster on
-        CPUs with AVX512-BF16; the first call traces it, well under a second); the sampler's state stays fp32.
+        CPUs with AVX512-BF16 or AMX, many times slower without; "auto" picks; the first call traces it); the sampler's state stays fp32.
         clip (default on) clips the x0 estimates to the pixel range [-1, 1]. compile=True runs the
         U-Net through torch.compile (inductor, weights frozen): tens of seconds on the first call and on each new
         batch size, then faster calls; worth it for many batches in one process (a server), not for one grid."""
@@ -223,6 +226,7 @@ class Diffusion(torch.nn.Module):
             raise ConfigError(f"unknown sampling control(s) for diffusion: {', '.join(sorted(controls))}; known: "
                               "labels, sampler, steps, schedule, guidance, eta, precision, clip, compile")
         c = self.config
+        precision = runtime.resolve_precision(precision, "precision")
         if labels is not None and not c.conditional:
             raise ConfigError("this diffusion model is not class-conditional: it takes no labels")
         if c.conditional and labels is None:
@@ -251,6 +255,7 @@ class Diffusion(torch.nn.Module):
         model without `labels` completes the image unconditionally (the "no class" label of its label dropout);
         with `labels` (n,) each completion is of that class."""
         c = self.config
+        precision = runtime.resolve_precision(precision, "precision")
         shape = (c.channels, c.image_size, c.image_size)
         if tuple(image.shape) != shape:
             raise ConfigError(f"the image is {tuple(image.shape)} but the model makes {shape} images")

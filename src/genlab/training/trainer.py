@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -27,8 +28,10 @@ import torch
 from torch import nn
 
 from ..core import checkpoint as ckpt
+from ..core import runtime
 from ..core.config import to_dict
 from ..core.errors import CheckpointError, ConfigError, TrainingDiverged
+from ..core.outputs import format_loss, loss_unit
 from ..core.protocols import HasClosedFormFit, HasCustomStep, HasStepSchedule
 from . import callbacks as cb
 from .optim import adamw, lr_at
@@ -49,13 +52,14 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 = off
-    precision: str = "fp32"  # "fp32" or "bf16" (autocast; fast on CPUs with AVX512-BF16)
+    precision: str = "fp32"  # "fp32", "bf16" (autocast; fast only with AVX512-BF16/AMX) or "auto" (bf16 where fast)
     ema: float = 0.0  # EMA decay of the weights that are saved and evaluated; 0 = off
     eval_every: int = 250  # steps; 0 = only at the end
     eval_batches: int = 20  # held-out batches per evaluation
     checkpoint_every: int = 500  # steps; 0 = only at the end
     log_every: int = 10
-    progress: bool = True  # progress bar on stderr
+    progress: bool = True  # a progress bar on a terminal, else a log line every few seconds; false = neither
+    threads: int = 0  # CPU threads for torch; 0 = the process's setting (the CLI: --threads, GENLAB_THREADS or auto)
 
     def validate(self):
         checks = [
@@ -70,12 +74,13 @@ class TrainConfig:
             ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
             ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
             ("grad_clip", self.grad_clip >= 0, ">= 0 (0 = off)"),
-            ("precision", self.precision in ("fp32", "bf16"), "'fp32' or 'bf16'"),
+            ("precision", self.precision in ("auto", "fp32", "bf16"), "'auto', 'fp32' or 'bf16'"),
             ("ema", 0 <= self.ema < 1, "in [0, 1) (0 = off)"),
             ("eval_every", self.eval_every >= 0, ">= 0"),
             ("eval_batches", self.eval_batches >= 1, ">= 1"),
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
             ("log_every", self.log_every >= 1, ">= 1"),
+            ("threads", 0 <= self.threads <= 1024, "in [0, 1024] (0 = the process's setting)"),
         ]
         for key, ok, allowed in checks:
             if not ok:
@@ -92,6 +97,7 @@ class FitResult:
     val_loss: float | None
     stopped_by: str
     history: list[dict[str, Any]] = field(default_factory=list)
+    loss_unit: str = ""  # the unit of train_loss / val_loss, as the family names it
 
 
 @torch.no_grad()
@@ -142,7 +148,7 @@ class _Metrics:
                 if rec.get("step", 0) <= keep_until_step:
                     kept.append(line)
             ckpt.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- open for the run; close() closes
 
     def write(self, rec: dict[str, Any]):
         if self._f is not None:
@@ -166,6 +172,7 @@ def fit(
 ) -> FitResult:
     """Train `model` on `data` (a BatchSource) under `cfg`. With `run_dir`, checkpoints go there."""
     run_dir = Path(run_dir) if run_dir is not None else None
+    cfg = dataclasses.replace(cfg, precision=runtime.resolve_precision(cfg.precision))
     if resume and run_dir is None:
         raise ConfigError("resume needs a run folder")
     if run_dir is not None:
@@ -184,6 +191,7 @@ def _fit_closed_form(model, data, cfg, run_dir, callbacks) -> FitResult:
     stats = model.fit_data(data)
     elapsed = time.perf_counter() - t0
     val = evaluate_loss(model, data.eval_batches(cfg.batch_size, cfg.eval_batches))
+    log.info("fitted in closed form in %.1f s; held-out loss %s", elapsed, format_loss(val, loss_unit(model)))
     rec = {"step": 1, "time_s": round(elapsed, 3), "val_loss": val, **stats}
     metrics = _Metrics(run_dir / ckpt.METRICS if run_dir else None)
     metrics.open(None)
@@ -194,7 +202,7 @@ def _fit_closed_form(model, data, cfg, run_dir, callbacks) -> FitResult:
         ckpt.save_weights(run_dir / ckpt.WEIGHTS, model)
         ckpt.save_trainer_state(run_dir / ckpt.TRAINER_STATE, {"step": 1, "elapsed_s": elapsed, "done": True})
         cb.call(callbacks, "on_checkpoint", 1, run_dir)
-    return FitResult(1, elapsed, None, val, "closed_form", [rec])
+    return FitResult(1, elapsed, None, val, "closed_form", [rec], loss_unit(model))
 
 
 def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callbacks) -> FitResult:
@@ -266,12 +274,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
         ckpt.save_weights(run_dir / ckpt.WEIGHTS, ema_model if ema_model is not None else model)
         cb.call(callbacks, "on_checkpoint", step, run_dir)
 
-    bar = None
-    if cfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.max_steps or None, initial=step, file=sys.stderr, dynamic_ncols=True,
-                   desc="train", unit="step", leave=True)
+    report = _Progress(cfg, budget_s, step, elapsed, loss_unit(model))
     history: list[dict[str, Any]] = []
     last_train, last_val, stopped_by = None, resumed_val, ""
     last_ckpt = step if resume else None
@@ -327,8 +330,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                 _ema_update(ema_model, model, ema_decay(cfg.ema, step))
             step += 1
             window_items += items
-            if bar is not None:
-                bar.update(1)
+            report.step(step, time.perf_counter() - seg_start, last_train)
             if step % cfg.log_every == 0:
                 now = time.perf_counter()
                 rate = window_items / max(now - window_t, 1e-9)
@@ -339,9 +341,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                 metrics.write(rec)
                 history.append(rec)
                 cb.call(callbacks, "on_log", rec)
-                if bar is not None:
-                    left = f"{max(budget_s - (now - seg_start), 0):.0f}s" if budget_s else None
-                    bar.set_postfix(loss=f"{last_train:.3f}", items_s=f"{rate:.0f}", **({"left": left} if left else {}))
+                report.rate = rate
             if cfg.eval_every and step % cfg.eval_every == 0:
                 last_val = _eval(ema_model or model, eval_batches, cfg, step, seg_start, metrics, history, callbacks)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -353,10 +353,71 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
         if last_ckpt != step:
             save(step, elapsed)
     finally:
-        if bar is not None:
-            bar.close()
+        report.close()
         metrics.close()
-    return FitResult(step, elapsed, last_train, last_val, stopped_by, history)
+    return FitResult(step, elapsed, last_train, last_val, stopped_by, history, loss_unit(model))
+
+
+class _Progress:
+    """Progress on stderr: a bar on a terminal (over the wall-clock budget when there is one, else over the
+    steps); otherwise a log line at the first speed reading and every `every_s` seconds after it (a file or a
+    pipe gets lines, not carriage returns); nothing when train.progress is false or the log is quiet (-q)."""
+
+    every_s = 10.0
+
+    def __init__(self, cfg: TrainConfig, budget_s: float, step: int, elapsed: float, unit: str):
+        self.cfg, self.budget_s, self.unit, self.rate = cfg, budget_s, unit, None
+        self.items = "tokens" if unit.endswith("/token") else "images"
+        on = cfg.progress and log.isEnabledFor(logging.INFO)
+        self.bar, self.lines, self.last_line = None, False, None
+        if on and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            if budget_s:  # the budget that stops the run sets the bar: seconds, with steps as a postfix
+                self.bar = tqdm(total=round(budget_s), initial=min(round(elapsed), round(budget_s)), file=sys.stderr,
+                                dynamic_ncols=True, desc="train", unit="s", leave=True,
+                                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]")
+            else:
+                self.bar = tqdm(total=cfg.max_steps, initial=step, file=sys.stderr, dynamic_ncols=True, desc="train",
+                                unit="step", leave=True)
+        else:
+            self.lines = on
+
+    def _fraction(self, step: int, elapsed: float) -> float:
+        parts = [step / self.cfg.max_steps] if self.cfg.max_steps else []
+        return max(parts + ([elapsed / self.budget_s] if self.budget_s else []))
+
+    def step(self, step: int, elapsed: float, loss: float | None) -> None:
+        if self.bar is not None:
+            if self.budget_s:
+                self.bar.n = min(elapsed, self.budget_s)
+                steps = f"{step}/{self.cfg.max_steps}" if self.cfg.max_steps else str(step)
+                self.bar.set_postfix_str(f"step {steps}" + (f", loss {loss:.3f}" if loss is not None else ""),
+                                         refresh=False)
+                if step % 10 == 0:
+                    self.bar.refresh()
+            else:
+                self.bar.update(1)
+                if loss is not None and step % 10 == 0:
+                    self.bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+            return
+        now = time.perf_counter()
+        first = self.last_line is None and self.rate is not None  # as soon as a speed is known, then every_s
+        if not self.lines or not (first or (self.last_line is not None and now - self.last_line >= self.every_s)):
+            return
+        self.last_line = now
+        frac = self._fraction(step, elapsed)
+        eta = elapsed / frac - elapsed if frac > 0 else float("nan")
+        total = f"/{self.cfg.max_steps}" if self.cfg.max_steps else ""
+        budget = f" of {self.budget_s:.0f} s" if self.budget_s else ""
+        rate = f", {self.rate:,.0f} {self.items}/s" if self.rate else ""
+        loss_text = f", train loss {format_loss(loss, self.unit)}" if loss is not None else ""
+        log.info("step %d%s (%.0f%%), %.0f s%s, about %.0f s left%s%s", step, total, 100 * frac, elapsed, budget,
+                 eta, loss_text, rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def ema_decay(decay: float, step: int) -> float:
