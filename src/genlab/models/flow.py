@@ -417,6 +417,8 @@ class Flow(nn.Module):
         log_pz = sum(_sum_chw(-0.5 * (e.float() ** 2 + LOG_2PI)) for e in eps_list)
         return log_pz + logdet.float() + ld_pre - self.dims * math.log(256.0)
 
+    loss_unit = "nats/dim"  # what loss() returns, named wherever it is printed
+
     def loss(self, batch) -> StepOutput:
         x, y = batch
         lp = self.log_prob(x, y=y if self.config.conditional else None)

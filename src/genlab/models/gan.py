@@ -177,6 +177,8 @@ class GAN(nn.Module):
         return torch.randn(n, self.config.z_dim, generator=generator, device=self.generator.fc.weight.device)
 
     # -- monitoring loss (what the trainer evaluates on held-out batches) --
+    loss_unit = "G+D loss, not a likelihood"  # what loss() returns, named wherever it is printed
+
     def loss(self, batch) -> StepOutput:
         """Generator loss + discriminator loss (no gradient penalty) on the batch: a number to watch, not a
         likelihood. D's term sees detached fakes and G's term sees D, so gradients reach every parameter (with

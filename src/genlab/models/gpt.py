@@ -44,9 +44,9 @@ class GPTConfig:
 
 
 PRESETS = {
-    "tiny": dict(block_size=32, n_layer=2, n_head=2, n_embd=32),
-    "baby": dict(block_size=64, n_layer=4, n_head=4, n_embd=128),
-    "small": dict(block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+    "tiny": {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32},
+    "baby": {"block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128},
+    "small": {"block_size": 256, "n_layer": 6, "n_head": 6, "n_embd": 384, "dropout": 0.2},
 }
 
 
@@ -83,13 +83,13 @@ class GPT(nn.Module):
         self.config = config
         self.context_size = config.block_size
         self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+            {
+                "wte": nn.Embedding(config.vocab_size, config.n_embd),
+                "wpe": nn.Embedding(config.block_size, config.n_embd),
+                "drop": nn.Dropout(config.dropout),
+                "h": nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                "ln_f": nn.LayerNorm(config.n_embd, bias=config.bias),
+            }
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying (Press & Wolf 2017)
@@ -112,7 +112,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V). With a cache, idx continues the cached tokens."""
-        B, T = idx.shape
+        _B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
@@ -123,6 +123,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+
+    loss_unit = "nats/token"  # what loss() returns, named wherever it is printed
 
     def loss(self, batch) -> StepOutput:
         x, y = batch

@@ -49,7 +49,7 @@ class NGramConfig:
             )
 
 
-PRESETS = {"tiny": dict(order=3), "char5": dict(order=5), "char7": dict(order=7), "token3": dict(order=3)}
+PRESETS = {"tiny": {"order": 3}, "char5": {"order": 5}, "char7": {"order": 7}, "token3": {"order": 3}}
 
 
 class _History:
@@ -172,6 +172,8 @@ class NGram(nn.Module):
         ctx = self._contexts(torch.cat([x, y[:, -1:]], dim=1))  # (B*(T+1), N-1)
         ctx = ctx.view(B, T + 1, -1)[:, 1:].reshape(B * T, -1)
         return torch.log(self._prob(ctx, y.reshape(-1, 1))).view(B, T)
+
+    loss_unit = "nats/token"  # what loss() returns, named wherever it is printed
 
     def loss(self, batch) -> StepOutput:
         x, y = batch

@@ -211,6 +211,8 @@ class PixelCNN(nn.Module):
         unused (a discrete likelihood needs no dequantization noise); y: class ids for a conditional model."""
         return self._log_prob_params(x, self(x, y)).flatten(1).sum(dim=1)
 
+    loss_unit = "nats/dim"  # what loss() returns, named wherever it is printed
+
     def loss(self, batch) -> StepOutput:
         x, y = batch
         lp = self.log_prob(x, y=y if self.config.conditional else None)  # (B,)

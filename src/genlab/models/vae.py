@@ -337,6 +337,8 @@ class VAE(nn.Module):
         recon = -self.log_px_given_z(target, params)
         return recon, self._kl(mu, logvar)
 
+    loss_unit = "nats/dim (negative ELBO)"  # what loss() returns, named wherever it is printed
+
     def loss(self, batch) -> StepOutput:
         """Training: (recon + kl_weight * KL) / D; eval: the negative ELBO (beta 1) / D, nats per sub-pixel."""
         x, y = batch
