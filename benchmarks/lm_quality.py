@@ -58,7 +58,7 @@ def main():
     work = Path(a.workdir)
     points = []
     for b in budgets:
-        run_dir, res, ev, eval_s = run(f"t{int(b)}", work, {**OURS, "max_steps": 0, "max_minutes": b / 60,
+        _run_dir, res, ev, eval_s = run(f"t{int(b)}", work, {**OURS, "max_steps": 0, "max_minutes": b / 60,
                                                               "eval_every": 0, "eval_batches": 1})
         points.append({"budget_s": b, "train_s": round(res.elapsed_s, 2), "steps": res.step,
                        "tokens": res.step * OURS["batch_size"] * 64,

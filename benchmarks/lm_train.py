@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from genlab.core.checkpoint import atomic_write_json
-import torch.nn.functional as F
 
 VOCAB = 65  # char-level Shakespeare
 LR = 3e-4
@@ -395,7 +395,8 @@ def machine_info() -> dict:
 
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10,
+                                  check=False).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
@@ -450,7 +451,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     info = machine_info()
     info["loadavg_start"] = os.getloadavg()
-    log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda *a: print(*a, file=sys.stderr, flush=True)
     log(f"torch {info['torch']}  transformers {info['transformers']}  threads {info['torch_threads']}  "
         f"cpu {info['cpu'].get('model_name')}")
 

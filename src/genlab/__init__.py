@@ -5,7 +5,7 @@ The small public API: `load_dataset`, `build`, `load`, `fit`, `train`, `sample`,
 
 __version__ = "0.1.0"
 
-from .api import build, evaluate, generate, load, load_dataset, sample, train  # noqa: E402
-from .training.trainer import fit  # noqa: E402
+from .api import build, evaluate, generate, load, load_dataset, sample, train
+from .training.trainer import fit
 
-__all__ = ["build", "evaluate", "fit", "generate", "load", "load_dataset", "sample", "train", "__version__"]
+__all__ = ["__version__", "build", "evaluate", "fit", "generate", "load", "load_dataset", "sample", "train"]

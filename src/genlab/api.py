@@ -3,6 +3,8 @@ generate/eval, and holds no model logic of its own."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import math
 import shutil
@@ -15,9 +17,10 @@ from typing import Any
 import torch
 
 from .core import checkpoint as ckpt
+from .core import runtime
 from .core.config import apply_overrides, from_dict, load_toml, to_dict
 from .core.errors import CheckpointError, ConfigError
-from .core.protocols import HasELBO, HasLogProb
+from .core.protocols import HasClosedFormFit, HasELBO, HasLogProb
 from .data.datasets import DataConfig, ImageData, TextSplits, TokenData, load_images, load_text
 from .data.tokenizers import Tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
 from .models import MODELS, build_config, build_model, config_dict, config_from_saved, replace
@@ -123,16 +126,55 @@ def _block_size(model_cfg) -> int:
     return getattr(model_cfg, "block_size", None) or 64  # models without a context still read windows
 
 
+def _resume_config(config: str | Path | RunConfig | None, overrides: list[str], resume: bool | str | Path):
+    """The config a resumed run continues with: the run's own saved train_config.json, plus `overrides` (which
+    may change only the budget, logging and threads). The run is `resume` when that is a folder, else the one
+    `config` (+ overrides such as name=...) names."""
+    if isinstance(config, RunConfig):
+        return config  # a whole config in Python: it must match the saved one (checked by the caller)
+    if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
+        if config is not None:
+            raise ConfigError("give either a config or the run folder to resume, not both")
+        run_dir = Path(resume)
+    elif config is None:
+        raise ConfigError("resume needs the run folder (genlab train --resume runs/NAME) or its config")
+    else:
+        run_dir = from_dict(RunConfig, _located(config, overrides)).run_dir
+    saved = ckpt.read_json(run_dir / ckpt.TRAIN_CONFIG, "run's train config (is it a run folder?)")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{run_dir / ckpt.TRAIN_CONFIG} is not a genlab run config")
+    d = {**saved, "name": run_dir.name, "out_dir": str(run_dir.parent)}  # the folder may have been moved
+    apply_overrides(d, [o for o in overrides if o.split("=", 1)[0].strip() not in ("name", "out_dir")])
+    return from_dict(RunConfig, d)
+
+
+def _located(config: str | Path, overrides: list[str]) -> dict:
+    """The config file with only the overrides that say where the run is (name, out_dir)."""
+    d = load_toml(config)
+    apply_overrides(d, [o for o in overrides if o.split("=", 1)[0].strip() in ("name", "out_dir")])
+    return d
+
+
 def train(
-    config: str | Path | RunConfig,
+    config: str | Path | RunConfig | None = None,
     overrides: list[str] = (),
     *,
-    resume: bool = False,
+    resume: bool | str | Path = False,
     overwrite: bool = False,
     callbacks=(),
 ) -> tuple[Path, FitResult]:
-    """Train a run from a TOML config (or RunConfig); returns the run folder and the fit result."""
-    rc = config if isinstance(config, RunConfig) else resolve_config(config, overrides)
+    """Train a run from a TOML config (or RunConfig); returns the run folder and the fit result.
+
+    `resume=True` continues the run the config names (its `name`, or `overrides` such as `name=austen`);
+    `resume="runs/NAME"` continues that run folder without a config. A resumed run keeps its own saved config:
+    `overrides` may extend the budget (train.max_steps, train.max_minutes) or change logging and threads.
+    `overwrite=True` replaces an existing run folder (give each run its own `name=` to keep it)."""
+    if resume:
+        rc = _resume_config(config, list(overrides), resume)
+    elif config is None:
+        raise ConfigError("train needs a config (a TOML file or a RunConfig)")
+    else:
+        rc = config if isinstance(config, RunConfig) else resolve_config(config, overrides)
     run_dir = rc.run_dir
     section = dict(rc.model)
     family = MODELS.get(section.get("family"))
@@ -146,8 +188,13 @@ def train(
         if not overwrite:
             raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it, --overwrite "
                               "to replace it, or --set name=<new name>")
+        log.info("replacing the existing run folder %s (overwrite)", run_dir)
         shutil.rmtree(run_dir)
+    if rc.train.threads and runtime.threads_from_env() is None:
+        torch.set_num_threads(rc.train.threads)
+    runtime.warn_if_loaded()
     callbacks = list(callbacks)
+    class_names = None
     if family.modality == "text":
         model_cfg0 = build_config({**section, "vocab_size": section.get("vocab_size", 1)})
         data, tokenizer, _ = prepare_text_data(rc.data, _block_size(model_cfg0), tokenizer)
@@ -160,8 +207,9 @@ def train(
         data = load_images(rc.data)
         log.info("data: %s", data.describe())
         model_cfg = _image_model_config(section, data)
+        class_names = data.class_names if data.num_classes else None
         if rc.preview:
-            callbacks.append(_Preview(run_dir / "samples", rc.preview))
+            callbacks.append(_Preview(run_dir / "samples", rc.preview, class_names))
     with torch.random.fork_rng(devices=[]):  # the seed fixes the initial weights too
         torch.manual_seed(rc.seed)
         model = build_model(model_cfg)
@@ -170,8 +218,13 @@ def train(
         ckpt.atomic_write_json(run_dir / ckpt.TRAIN_CONFIG, to_dict(rc))
         if tokenizer is not None:
             save_tokenizer(tokenizer, run_dir / ckpt.TOKENIZER)
-        ckpt.write_model_config(run_dir, model_cfg.family, config_dict(model_cfg))
-    log.info("training %s (%s, %s parameters) in %s", rc.name, model_cfg.family, f"{num_params(model):,}", run_dir)
+        ckpt.write_model_config(run_dir, model_cfg.family, config_dict(model_cfg),
+                                class_names=class_names)
+    if isinstance(model, HasClosedFormFit):
+        log.info("fitting %s (%s, counted in closed form) in %s", rc.name, model_cfg.family, run_dir)
+    else:
+        log.info("training %s (%s, %s parameters) in %s", rc.name, model_cfg.family, f"{num_params(model):,}",
+                 run_dir)
     result = fit(model, data, rc.train, run_dir=run_dir, seed=rc.seed, resume=resume, callbacks=callbacks)
     if resume:  # the budget may have been extended
         ckpt.atomic_write_json(run_dir / ckpt.TRAIN_CONFIG, to_dict(rc))
@@ -179,19 +232,23 @@ def train(
 
 
 class _Preview:
-    """Writes a grid of samples (the same latents each time, seed 0) after every evaluation while training."""
+    """Writes a grid of samples (the same latents each time, seed 0) after every evaluation while training; a
+    class-conditional model gets one column per class, named under the grid."""
 
-    def __init__(self, folder: Path, n: int):
-        self.folder, self.n = folder, n
+    def __init__(self, folder: Path, n: int, class_names: list[str] | None = None):
+        self.folder, self.n, self.class_names = folder, n, class_names
 
     def on_eval(self, step: int, model, val_loss: float) -> None:
-        images = model.sample(self.n, generator=torch.Generator().manual_seed(0))
-        save_grid(images, self.folder / f"step_{step:07d}.png")
-        save_grid(images, self.folder / "latest.png")
+        names = self.class_names if getattr(model.config, "conditional", False) else None
+        images = model.sample(self.n, generator=torch.Generator().manual_seed(0))  # labels cycle the classes
+        nrow = min(len(names), self.n) if names else None
+        captions = [names[i % len(names)] for i in range(self.n)] if names else None
+        save_grid(images, self.folder / f"step_{step:07d}.png", nrow=nrow, captions=captions)
+        save_grid(images, self.folder / "latest.png", nrow=nrow, captions=captions)
 
 
 _RESUMABLE_CHANGES = {"name", "out_dir", "train.max_steps", "train.max_minutes", "train.progress", "train.log_every",
-                      "preview"}
+                      "train.threads", "preview"}
 
 
 def _check_resume_compatible(saved: dict, now: dict) -> None:
@@ -219,6 +276,7 @@ class Run:
     model: torch.nn.Module
     tokenizer: Tokenizer | None
     train_config: RunConfig | None
+    class_names: list[str] | None = None  # an image run's classes, in label order (where its data named them)
 
     @property
     def family(self) -> str:
@@ -252,12 +310,19 @@ def load(path: str | Path) -> Run:
         raise CheckpointError(f"{path / ckpt.CONFIG}: {e}") from None
     model = build_model(cfg)
     ckpt.load_weights(path / ckpt.WEIGHTS, model)
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise CheckpointError(f"{path / ckpt.WEIGHTS} holds NaN or infinite weights ({', '.join(bad[:3])}"
+                              f"{' ...' if len(bad) > 3 else ''}): the run diverged; retrain it or use an earlier copy")
     model.eval()
     tok = load_tokenizer(path / ckpt.TOKENIZER) if (path / ckpt.TOKENIZER).exists() else None
     rc = None
     if (path / ckpt.TRAIN_CONFIG).exists():
         rc = from_dict(RunConfig, ckpt.read_json(path / ckpt.TRAIN_CONFIG, "train config"))
-    return Run(path, model, tok, rc)
+    names = saved.get("class_names")
+    if names is not None and (not isinstance(names, list) or len(names) != getattr(cfg, "num_classes", -1)):
+        raise CheckpointError(f"{path / ckpt.CONFIG}: class_names must list the model's {cfg.num_classes} classes")
+    return Run(path, model, tok, rc, names)
 
 
 def num_params(model) -> int:
@@ -282,10 +347,12 @@ def generate(
     **controls,
 ) -> list[str] | Iterator[TextDelta]:
     """Continue `prompt` (or each of a list) `n` times. Controls: max_new_tokens, temperature, top_k, top_p,
-    repetition_penalty, stop. With `stream=True`, an iterator of `TextDelta(index, text, done)`."""
+    repetition_penalty, stop. Returns the continuations only, without the prompt (`genlab generate` on the command
+    line prints prompt + continuation). With `stream=True`, an iterator of `TextDelta(index, text, done)`."""
     run = _as_run(run)
     if run.tokenizer is None:
         raise CheckpointError(f"{run.path} has no tokenizer.json: it is not a language-model run")
+    _check_options(run, controls)
     if not isinstance(n, int) or n < 1 or n > 10_000:
         raise ConfigError(f"n={n!r} must be an integer in [1, 10000]")
     if "stop" in controls and controls["stop"] is not None:
@@ -296,7 +363,7 @@ def generate(
     batch = [p for p in prompts for _ in range(n)]
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
-    kw = dict(generator=generator, start_id=run.start_id(), eos_id=run.eos_id())
+    kw = {"generator": generator, "start_id": run.start_id(), "eos_id": run.eos_id()}
     if stream:
         return stream_text(run.model, run.tokenizer, batch, cfg, **kw)
     return generate_text(run.model, run.tokenizer, batch, cfg, **kw)
@@ -316,10 +383,12 @@ def sample(
     class-conditional runs; default cycles through the classes), and the family's own (see its docstring):
     diffusion takes `sampler`, `steps`, `schedule`, `guidance`, `eta`, `precision` and `callback`."""
     run = _as_run(run)
+    controls = {k: v for k, v in controls.items() if v is not None}
     if run.modality == "text":
         if labels is not None:
             raise ConfigError("labels apply to class-conditional image runs, not to language models")
         return generate(run, "", n=n, seed=seed, generator=generator, **controls)
+    _check_options(run, controls)
     if not isinstance(n, int) or not 1 <= n <= 10_000:
         raise ConfigError(f"n={n!r} must be an integer in [1, 10000]")
     cfg = run.model.config
@@ -327,14 +396,13 @@ def sample(
     if t is not None and not 0 <= t <= 10:
         raise ConfigError(f"temperature={t} must be in [0, 10]")
     if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        labels = label_ids(run, labels)
         if len(labels) == 1:
             labels = labels.expand(n).clone()
         _check_labels(labels, n, cfg, run)
         controls["labels"] = labels
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
-    controls = {k: v for k, v in controls.items() if v is not None}
     try:
         return run.model.sample(n, generator=generator, **controls)
     except TypeError as e:  # an option this family does not have
@@ -373,7 +441,7 @@ def inpaint(
     if not bool(m.any()):
         raise ConfigError("the mask is all black: there is nothing to generate (white marks the pixels to fill in)")
     if labels is not None:
-        labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+        labels = label_ids(run, labels)
         labels = labels.expand(n).clone() if len(labels) == 1 else labels
         _check_labels(labels, n, cfg, run)
     if generator is None and seed is not None:
@@ -385,12 +453,50 @@ def inpaint(
         raise ConfigError(f"inpainting: {e}") from None
 
 
+def _sample_options(fam) -> set[str]:
+    """The sampling options a family takes (its `sample()` keywords; for language models the decoding controls)."""
+    if fam.modality == "text":
+        return {f.name for f in dataclasses.fields(SamplingConfig)}
+    params = inspect.signature(fam.model_cls.sample).parameters
+    return {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY} - {"generator", "labels"}
+
+
+def _check_options(run: Run, controls: dict[str, Any]) -> None:
+    """An option the run's family does not take is an error that says which families take it."""
+    own = _sample_options(MODELS.get(run.family))
+    for key in sorted(k for k in controls if k not in own):
+        takers = [f for f in MODELS.names() if key in _sample_options(MODELS.get(f))]
+        where = f"applies to {', '.join(takers)} runs only" if takers else "is not an option of any family"
+        raise ConfigError(f"{key} (--{key.replace('_', '-')}) {where}; {run.path} is a {run.family} run, which "
+                          f"takes {', '.join(sorted(own))}")
+
+
+def label_ids(run: Run, labels) -> torch.Tensor:
+    """Class labels as ids (k,): ids, or class names of the run (`["faces", "cats"]`, case-insensitive)."""
+    if isinstance(labels, torch.Tensor):
+        return labels.long().flatten()
+    items = [labels] if isinstance(labels, (str, int)) else list(labels)
+    names = [n.lower() for n in (run.class_names or [])]
+    out = []
+    for v in items:
+        if isinstance(v, str) and not v.strip().lstrip("-").isdigit():
+            if v.strip().lower() not in names:
+                known = (f"its classes are {', '.join(run.class_names)}" if run.class_names
+                         else "it has no class names, give class ids")
+                raise ConfigError(f"unknown class {v!r} for {run.path}; {known}")
+            out.append(names.index(v.strip().lower()))
+        else:
+            out.append(int(v))
+    return torch.tensor(out, dtype=torch.long)
+
+
 def _check_labels(labels: torch.Tensor, n: int, cfg, run: Run) -> None:
     if not getattr(cfg, "conditional", False):
         raise ConfigError(f"{run.path} is not class-conditional: it takes no labels")
     if len(labels) != n or int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes:
-        raise ConfigError(f"labels must be {n} (or 1) class ids in [0, {cfg.num_classes - 1}] (the classes this "
-                          f"model was trained on); got {labels.tolist()[:12]}")
+        names = f" or names ({', '.join(run.class_names)})" if run.class_names else ""
+        raise ConfigError(f"labels must be {n} (or 1) class ids in [0, {cfg.num_classes - 1}]{names} (the classes "
+                          f"this model was trained on); got {labels.tolist()[:12]}")
 
 
 def evaluate(
@@ -406,13 +512,20 @@ def evaluate(
     character. Images: bits per dimension, exact for flows and PixelCNN, the ELBO and the IWAE bound (k =
     `iwae_k`) for the VAE, none for a GAN (it has no likelihood); with `pictures`, families with an encoder
     also write eval_reconstructions.png (originals, reconstructions, an interpolation) into the run folder.
-    The result is also written to eval.json in the run folder."""
+    `max_tokens` / `max_images` limit the held-out data (None or 0 = all of it). The result is written to
+    eval.json in the run folder when it covers the whole held-out split, else to eval_partial.json (a partial
+    evaluation never replaces a full one); `res["file"]` names it."""
     run = _as_run(run)
     if run.train_config is None:
         raise CheckpointError(f"{run.path} lacks train_config.json; cannot find its held-out data")
-    res = (_evaluate_images(run, max_images, iwae_k, batch_size, pictures) if run.modality == "image"
-           else _evaluate_text(run, max_tokens))
-    ckpt.atomic_write_json(run.path / "eval.json", res)
+    for key, v in (("max_tokens", max_tokens), ("max_images", max_images)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ConfigError(f"{key}={v!r} must be an integer >= 1, or 0 / None for the whole held-out split")
+    res = (_evaluate_images(run, max_images or None, iwae_k, batch_size, pictures) if run.modality == "image"
+           else _evaluate_text(run, max_tokens or None))
+    path = run.path / ("eval.json" if res["heldout_fraction_covered"] >= 1 else "eval_partial.json")
+    res["file"] = str(path)
+    ckpt.atomic_write_json(path, res)
     return res
 
 
@@ -422,20 +535,19 @@ def _evaluate_text(run: Run, max_tokens: int | None) -> dict[str, Any]:
     rc = run.train_config
     t0 = time.perf_counter()
     data, _, splits = prepare_text_data(rc.data, _block_size(run.model.config), run.tokenizer)
-    batches = data.eval_batches(64)
+    full = sum(b[1].numel() for b in data.eval_batches(64))  # every whole window of the held-out split
+    batches = data.eval_batches(64, max_tokens=max_tokens)
     n_tokens = sum(b[1].numel() for b in batches)
-    if max_tokens is not None:
-        batches = data.eval_batches(64, max(1, max_tokens // (64 * data.block_size)))
-        n_tokens = sum(b[1].numel() for b in batches)
     loss = evaluate_loss(run.model, batches)
-    covered = n_tokens / max(len(data.val_ids) - 1, 1)
+    covered = n_tokens / max(full, 1)
     chars_per_token = len(splits.val) / max(len(data.val_ids), 1)
     return {
         "run": str(run.path),
         "family": run.family,
         "parameters": num_params(run.model),
         "heldout_tokens": n_tokens,
-        "heldout_fraction_covered": round(covered, 4),
+        "heldout_tokens_total": full,
+        "heldout_fraction_covered": round(covered, 6),
         "loss_nats_per_token": loss,
         "perplexity": math.exp(loss),
         "bits_per_token": loss / math.log(2),
@@ -462,7 +574,8 @@ def _evaluate_images(run: Run, max_images: int | None, iwae_k: int, batch_size: 
     dims = x_all[0].numel()
     g = torch.Generator().manual_seed(0)  # fixed dequantization / posterior noise: the same number every time
     res: dict[str, Any] = {"run": str(run.path), "family": run.family, "parameters": num_params(model),
-                           "data": data.describe(), "heldout_images": len(x_all), "dims": dims}
+                           "data": data.describe(), "heldout_images": len(x_all), "heldout_images_total": len(data.val),
+                           "heldout_fraction_covered": round(len(x_all) / len(data.val), 6), "dims": dims}
     bounds: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(x_all), batch_size):
         x = x_all[i : i + batch_size]

@@ -10,15 +10,9 @@ import sys
 from pathlib import Path
 
 from .core.errors import ConfigError, GenlabError
-from .sampling.image import read_image, save_grid
+from .sampling.image import image_format, read_image, save_grid
 
 log = logging.getLogger("genlab")
-
-
-def _fmt(x) -> str:
-    if isinstance(x, float):
-        return f"{x:.4f}" if abs(x) < 1e5 else f"{x:.4g}"
-    return str(x)
 
 
 # ------------------------------------------------------------------ verbs
@@ -26,10 +20,24 @@ def _fmt(x) -> str:
 
 def cmd_train(a) -> int:
     from . import api
+    from .core.outputs import format_loss
 
-    run_dir, res = api.train(a.config, a.set, resume=a.resume, overwrite=a.overwrite)
-    val = f", held-out loss {res.val_loss:.4f}" if res.val_loss is not None else ""
-    print(f"trained {run_dir}: {res.step} steps in {res.elapsed_s:.1f}s ({res.stopped_by}){val}")
+    config, resume = a.config, a.resume
+    if isinstance(resume, str) and config is None and resume.endswith(".toml"):  # `train --resume CONFIG.toml`
+        config, resume = resume, True
+    if config is None and not isinstance(resume, str):
+        raise ConfigError("give a config (genlab train configs/gpt/shakespeare_char.toml) or a run folder to "
+                          "resume (genlab train --resume runs/NAME)")
+    run_dir, res = api.train(config, a.set, resume=resume, overwrite=a.overwrite)
+    val = f"; held-out loss {format_loss(res.val_loss, res.loss_unit)}" if res.val_loss is not None else ""
+    if res.stopped_by == "closed_form":
+        run = api.load(run_dir)
+        print(f"fitted {run_dir} ({run.family}: {api.num_params(run.model):,} stored n-grams, counted in "
+              f"{res.elapsed_s:.1f} s){val}")
+    else:
+        why = {"max_steps": "train.max_steps", "max_minutes": "the train.max_minutes budget"}.get(res.stopped_by,
+                                                                                              res.stopped_by)
+        print(f"trained {run_dir}: {res.step:,} steps in {res.elapsed_s:.1f} s (stopped by {why}){val}")
     return 0
 
 
@@ -37,9 +45,9 @@ def cmd_generate(a) -> int:
     from . import api
 
     run = api.load(a.run)
-    controls = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                    repetition_penalty=a.repetition_penalty, stop=tuple(a.stop or ()))
-    prompt = a.prompt
+    controls = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p,
+                    "repetition_penalty": a.repetition_penalty, "stop": tuple(unescape(s) for s in a.stop or ())}
+    prompt = unescape(a.prompt)
     if a.stream:
         it = api.generate(run, prompt, n=a.n, seed=a.seed, stream=True, **controls)
         current, pending, finished = 0, {}, set()
@@ -67,6 +75,21 @@ def cmd_generate(a) -> int:
     return 0
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", "0": "\0", "'": "'", '"': '"'}
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes as a shell user means them: '\\n' is a newline, '\\t' a tab, '\\\\' a backslash,
+    '\\u00e9' a code point; any other backslash stays as typed."""
+    import re
+
+    def one(m: re.Match) -> str:
+        e = m.group(1)
+        return chr(int(e[1:], 16)) if e[0] in "uUx" else _ESCAPES[e]
+
+    return re.sub(r"\\(u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|[ntr0'\"\\])", one, text)
+
+
 def _header(a, i):
     if a.n > 1:
         sys.stdout.write(f"--- sample {i + 1}/{a.n} ---\n")
@@ -77,21 +100,34 @@ def cmd_sample(a) -> int:
 
     run = api.load(a.run)
     labels = _labels_arg(a.labels)
+    diffusion = {"sampler": a.sampler, "steps": a.steps, "schedule": a.schedule, "guidance": a.guidance, "eta": a.eta,
+                     "precision": a.precision}
     if run.modality == "text":
-        for i, text in enumerate(api.sample(run, a.n, seed=a.seed, labels=labels, temperature=a.temperature,
-                                            max_new_tokens=a.max_new_tokens)):
+        image_only = [f"--{k}" for k, v in (("out", a.out), ("nrow", a.nrow), ("trajectory", a.trajectory)) if v]
+        if image_only:
+            raise ConfigError(f"{', '.join(image_only)} apply to image runs; {a.run} is a {run.family} run, whose "
+                              "samples are printed (redirect them with > FILE)")
+        texts = api.sample(run, a.n, seed=a.seed, labels=labels, temperature=a.temperature,
+                           max_new_tokens=a.max_new_tokens, **diffusion)
+        for i, text in enumerate(texts):
             _header(a, i)
             print(text)
         return 0
-    diffusion = dict(sampler=a.sampler, steps=a.steps, schedule=a.schedule, guidance=a.guidance, eta=a.eta,
-                     precision=a.precision)
+    if a.max_new_tokens is not None:
+        raise ConfigError(f"--max-new-tokens applies to language models; {a.run} is a {run.family} run")
+    out_path = a.out or "samples.png"
+    image_format(out_path)  # a name whose format is unknown fails before the sampling, not after
     traj = None
     if a.trajectory:
         from .sampling.diffusion import Trajectory
 
+        image_format(a.trajectory)
         traj = diffusion["callback"] = Trajectory(rows=min(a.n, 4), frames=a.frames)
     images = api.sample(run, a.n, seed=a.seed, labels=labels, temperature=a.temperature, **diffusion)
-    out = save_grid(images, a.out, nrow=a.nrow)
+    captions, nrow = _captions(run, labels, a.n), a.nrow
+    if captions and labels is None and nrow is None:
+        nrow = min(len(run.class_names), a.n)  # the labels cycle through the classes: one column per class
+    out = save_grid(images, out_path, nrow=nrow, captions=captions)
     print(f"wrote {len(images)} samples from {a.run} to {out}")
     if traj is not None:
         path = save_grid(traj.images(), a.trajectory, nrow=min(a.frames, a.steps or a.frames))
@@ -100,13 +136,25 @@ def cmd_sample(a) -> int:
     return 0
 
 
-def _labels_arg(text: str | None) -> list[int] | None:
-    if not text:
+def _labels_arg(text: str | None) -> list[int | str] | None:
+    """--labels: class ids or class names, comma-separated ('0,2' or 'faces,cats')."""
+    if text is None:
         return None
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--labels {text!r}: give class ids separated by commas, e.g. 0,1,2") from None
+    items = [v.strip() for v in text.split(",")]
+    if not all(items):
+        raise ConfigError(f"--labels {text!r}: give class ids or names separated by commas, e.g. 0,1,2 or faces,cats")
+    return [int(v) if v.lstrip("-").isdigit() else v for v in items]
+
+
+def _captions(run, labels, n: int) -> list[str] | None:
+    """The class name under each image of a class-conditional run's grid (None where the run has no names)."""
+    from . import api
+
+    if not run.class_names or not getattr(run.model.config, "conditional", False):
+        return None
+    ids = (api.label_ids(run, labels).tolist() if labels is not None else list(range(len(run.class_names))))
+    ids = ids * n if len(ids) == 1 else ids
+    return [run.class_names[ids[i % len(ids)]] for i in range(n)]
 
 
 def cmd_inpaint(a) -> int:
@@ -134,13 +182,30 @@ def cmd_eval(a) -> int:
     if a.json:
         print(json.dumps(res, indent=2))
         return 0
-    keys = (("run", "family", "parameters", "data", "heldout_images", "bits_per_dim", "likelihood", "pictures")
-            if "heldout_images" in res else
-            ("run", "family", "parameters", "tokenizer", "context", "heldout_tokens", "loss_nats_per_token",
-             "perplexity", "bits_per_token", "bits_per_char"))
-    for k in keys + tuple(k for k in res if k.startswith("bits_per_dim_")):
-        if k in res:
-            print(f"{k:22s} {_fmt(res[k]) if res[k] is not None else '-'}")
+    image = "heldout_images" in res
+    what = "images" if image else "tokens"
+    covered = res["heldout_fraction_covered"]
+    rows = [("run", res["run"]), ("family", res["family"]),
+            ("parameters", f"{res['parameters']:,}" + (" stored n-grams" if res["family"] == "ngram" else "")),
+            *((("data", res["data"]),) if image else (("tokenizer", res["tokenizer"]), ("context", res["context"]))),
+            (f"held-out {what}", (f"{res[f'heldout_{what}']:,} of {res[f'heldout_{what}_total']:,} "
+                                  f"({100 * covered:.3g}% of the held-out split)"))]
+    if image:
+        bpd = res["bits_per_dim"]
+        rows.append(("bits/dim", f"{bpd:.4f}" if bpd is not None else "-"))
+        rows += [(f"bits/dim ({k[len('bits_per_dim_'):].replace('_', ' k=')})", f"{v:.4f}")
+                 for k, v in res.items() if k.startswith("bits_per_dim_")]
+        rows.append(("likelihood", res["likelihood"]))
+        if res.get("pictures"):
+            rows.append(("pictures", res["pictures"]))
+    else:
+        rows += [("loss", f"{res['loss_nats_per_token']:.4f} nats/token"),
+                 ("perplexity", f"{res['perplexity']:.4f} (per token)"),
+                 ("bits/token", f"{res['bits_per_token']:.4f}"), ("bits/char", f"{res['bits_per_char']:.4f}")]
+    for k, v in rows:
+        print(f"{k:22s} {v}")
+    note = "" if covered >= 1 else " (a partial evaluation: eval.json, the full one, is kept)"
+    print(f"{'written to':22s} {res['file']}{note}")
     return 0
 
 
@@ -183,34 +248,54 @@ def cmd_compare(a) -> int:
 # ------------------------------------------------------------------ parser
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds '(default: X)' only where the help does not already say the default and X says something."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS, []) or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
     p = argparse.ArgumentParser(prog="genlab", description="Train, sample and measure generative models on a CPU.",
                                 formatter_class=fmt)
     p.add_argument("--version", action="version", version=_version())
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr (no progress)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for torch (also GENLAB_THREADS=N; default: the cores other processes leave "
+                        "free, at least 1)")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     t = sub.add_parser("train", help="train a run from a TOML config", formatter_class=fmt,
                        description="Train a run from a TOML config (see configs/). The run goes to out_dir/name.")
-    t.add_argument("config", help="path to a TOML run config, e.g. configs/gpt/shakespeare_char.toml")
+    t.add_argument("config", nargs="?", help="path to a TOML run config, e.g. configs/gpt/shakespeare_char.toml")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
-    t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue a run from its last checkpoint with its own saved config: --resume runs/NAME, or "
+                        "CONFIG --resume for the run the config names; --set may extend train.max_steps / "
+                        "train.max_minutes")
     t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="generate text from a language-model run", formatter_class=fmt,
                        description="Continue a prompt with a trained language model (gpt or ngram).")
     g.add_argument("run", help="run folder, e.g. runs/shakespeare_char")
-    g.add_argument("--prompt", default="", help="text to continue ('' starts from a newline / end-of-text)")
+    g.add_argument("--prompt", default="", help="text to continue; escapes such as \\n are decoded; printed before "
+                                                "its continuation (the Python API returns the continuation only); "
+                                                "default '' starts from a newline / end-of-text")
     g.add_argument("-n", type=int, default=1, help="number of samples")
     g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; >1 flatter, <1 sharper")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the smallest set with mass p (1 = off)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
-    g.add_argument("--stop", action="append", metavar="TEXT", help="stop a sample at this text (repeatable)")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop a sample at this text, e.g. --stop \"\\n\\n\" (escapes \\n \\t \\\\ \\uXXXX are decoded; "
+                        "repeatable)")
     g.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     g.set_defaults(fn=cmd_generate)
@@ -221,14 +306,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run folder, e.g. runs/fashion_flow")
     s.add_argument("-n", type=int, default=64, help="number of samples")
     s.add_argument("--seed", type=int, default=None, help="same seed, same samples (default: random)")
-    s.add_argument("--out", default="samples.png", help="PNG file for the grid (image families)")
+    s.add_argument("--out", default=None, help="image file for the grid, its format from the suffix: .png, .jpg, "
+                                               ".webp ... (image families; default: samples.png)")
     s.add_argument("--nrow", type=int, default=None, help="images per row (default: a square grid)")
     s.add_argument("--temperature", type=float, default=None,
                    help="latent temperature (vae, flow, gan: the std of z) or pixel temperature (pixelcnn); "
                         "0 = the mode (default: the family's, 1.0)")
     s.add_argument("--labels", "--class", dest="labels", default=None, metavar="IDS",
-                   help="class ids for a class-conditional run, comma-separated: one for all, or one per sample")
-    s.add_argument("--max-new-tokens", type=int, default=200, help="language models: tokens per sample")
+                   help="classes for a class-conditional run, ids or names, comma-separated: one for all, or one per "
+                        "sample (default: cycle through the classes, one column each)")
+    s.add_argument("--max-new-tokens", type=int, default=None, help="language models: tokens per sample (default: 200)")
     _diffusion_args(s)
     s.add_argument("--eta", type=float, default=None, help="diffusion, ddim sampler: 0 deterministic .. 1 DDPM noise")
     s.add_argument("--trajectory", default=None, metavar="PNG",
@@ -248,7 +335,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--out", default="inpainted.png", help="PNG file to write")
     i.add_argument("--seed", type=int, default=None, help="same seed, same completions (default: random)")
     i.add_argument("--labels", "--class", dest="labels", default=None, metavar="IDS",
-                   help="class ids for a class-conditional run (one for all, or one per completion); "
+                   help="classes (ids or names) for a class-conditional run (one for all, or one per completion); "
                         "default: complete the image without a class")
     _diffusion_args(i, sampler="ddpm (every training step)")
     i.add_argument("--resample", type=int, default=1,
@@ -259,8 +346,11 @@ def _parser() -> argparse.ArgumentParser:
                        description="Evaluate a run on the held-out split of its own data (bits/dim for images, "
                                    "bits/char for text); writes eval.json into the run folder.")
     e.add_argument("run", help="run folder")
-    e.add_argument("--max-tokens", type=int, default=None, help="evaluate on at most this many tokens (default all)")
-    e.add_argument("--max-images", type=int, default=None, help="evaluate on at most this many images (default all)")
+    e.add_argument("--max-tokens", type=int, default=None,
+                   help="evaluate on this many held-out tokens (0 or unset: all); a partial result goes to "
+                        "eval_partial.json and never replaces eval.json")
+    e.add_argument("--max-images", type=int, default=None,
+                   help="evaluate on this many held-out images (0 or unset: all); partial results as for --max-tokens")
     e.add_argument("--iwae-k", type=int, default=16, help="VAE: importance samples of the IWAE bound (1 = the ELBO)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(fn=cmd_eval)
@@ -330,9 +420,10 @@ def _diffusion_args(p, sampler: str = "the model's, dpmpp_2m"):
                    help="diffusion: 'model' (training timesteps) or 'karras' (default: model for ddpm/ddim)")
     p.add_argument("--guidance", type=float, default=None,
                    help="diffusion, class-conditional: classifier-free guidance w in D_c + w (D_c - D_u); 0 = none")
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "auto"],
                    help="diffusion: bf16 runs a bfloat16 copy of the U-Net, fused by oneDNN Graph on a CPU "
-                        "(~1.7x fp32 on AVX512-BF16 CPUs; default fp32)")
+                        "(~1.7x fp32 on CPUs with AVX512-BF16 or AMX, many times slower without; auto = bf16 "
+                        "only where native; default fp32)")
 
 
 def _version() -> str:
@@ -362,6 +453,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        from .core import runtime
+
+        if args.threads is not None:
+            runtime.check_threads(args.threads)
+            os.environ[runtime.ENV] = str(args.threads)  # child processes (compare's trainings) follow it too
+        runtime.configure_threads(announce=args.verb in ("train", "compare", "demo"))  # long jobs say so
         return args.fn(args)
     except GenlabError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -73,7 +73,7 @@ def test_save_load_gives_identical_outputs(family, tmp_path):
     x, y = data.eval_batches(4, 1)[0]
     model.eval(), again.eval()
     assert torch.equal(model.loss((x, y)).loss, again.loss((x, y)).loss)
-    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(5)
     assert torch.equal(model.sample(2, generator=g(), max_new_tokens=8), again.sample(2, generator=g(),
                                                                                       max_new_tokens=8))
 

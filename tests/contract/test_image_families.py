@@ -63,7 +63,7 @@ def test_loss_is_finite_and_reaches_every_parameter(case):
 def test_sample_shape_dtype_and_seed(case):
     name, cond = case
     model = _model(name, cond)
-    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    g = lambda s: torch.Generator().manual_seed(s)
     a, b, c = model.sample(3, generator=g(1)), model.sample(3, generator=g(1)), model.sample(3, generator=g(2))
     assert a.dtype == torch.uint8 and a.shape == (3, 1, 8, 8)
     assert torch.equal(a, b) and not torch.equal(a, c)
@@ -81,7 +81,7 @@ def test_rgb_images(case):
 def test_conditional_samples_follow_labels(case):
     name, cond = case
     model = _model(name, cond)
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(3)
     if not cond:
         with pytest.raises((ConfigError, ValueError)):
             model.sample(2, generator=g(), labels=torch.tensor([0, 1]))
@@ -122,7 +122,7 @@ def test_save_load_gives_identical_outputs(case, tmp_path):
         torch.manual_seed(0)
         l2 = again.loss((x, y)).loss
     assert torch.equal(l1, l2)
-    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(5)
     assert torch.equal(model.sample(2, generator=g()), again.sample(2, generator=g()))
 
 
@@ -133,7 +133,7 @@ def test_likelihood_matches_the_eval_loss(case):
     model = _model(name, cond).eval()
     x, y = _batch()
     yy = y if cond else None
-    g = lambda: torch.Generator().manual_seed(9)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(9)
     with torch.no_grad():
         if isinstance(model, HasLogProb):
             lp = model.log_prob(x, y=yy, generator=g())

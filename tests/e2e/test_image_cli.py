@@ -55,7 +55,7 @@ def test_train_sample_reload_eval(family, tiny_config, tmp_path):
         assert res["bits_per_dim_iwae_4"] <= res["bits_per_dim_elbo"] + 0.05
         assert "IWAE" in res["likelihood"] and (run / "eval_reconstructions.png").exists()
     p = run_cli("eval", run)
-    assert "bits_per_dim" in p.stdout
+    assert "bits/dim" in p.stdout
 
 
 def test_conditional_run_samples_the_asked_classes(tiny_config, tmp_path):
@@ -93,7 +93,7 @@ def test_bad_image_inputs(tiny_config, tmp_path):
     for i in range(4):
         Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(pics / f"{i}.png")
     (pics / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    base = dict(family="vae", train=TRAIN)
+    base = {"family": "vae", "train": TRAIN}
     _fails(run_cli("train", tiny_config(name="c", data={"source": "images", "path": str(pics)}, **base)),
            "cannot be read", "broken.jpg")
     (tmp_path / "empty").mkdir()

@@ -66,7 +66,7 @@ def test_ddim_matches_its_closed_form_on_gaussian_data():
 
 def test_ddim_with_eta_one_is_stochastic_and_lands_on_the_variance():
     sigmas = sampling_sigmas("model", TRAIN_SIGMAS, 500)
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(3)
     a = S.sample_ddim(gaussian_denoiser, prior(20_000, sigmas), sigmas, generator=g(), eta=1.0)
     b = S.sample_ddim(gaussian_denoiser, prior(20_000, sigmas), sigmas, generator=g(), eta=0.0)
     assert float(a.var()) == pytest.approx(V, rel=0.05) and not torch.allclose(a, b)

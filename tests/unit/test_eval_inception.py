@@ -9,8 +9,13 @@ import pytest
 import torch
 
 from genlab.eval import features as feat
-from genlab.eval.features import (INCEPTION_INSTALL, MissingFeatureNetwork, inception_v3, inception_weights,
-                                  resize_bilinear_tf)
+from genlab.eval.features import (
+    INCEPTION_INSTALL,
+    MissingFeatureNetwork,
+    inception_v3,
+    inception_weights,
+    resize_bilinear_tf,
+)
 from genlab.eval.image import fid_from_features
 
 

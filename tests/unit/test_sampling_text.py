@@ -35,7 +35,7 @@ def test_top_k_keeps_exactly_k():
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    keep = lambda p: torch.isfinite(apply_top_p(probs.log(), p)).tolist()[0]  # noqa: E731
+    keep = lambda p: torch.isfinite(apply_top_p(probs.log(), p)).tolist()[0]
     assert keep(0.45) == [True, False, False, False]
     assert keep(0.6) == [True, True, False, False]
     assert keep(0.79) == [True, True, False, False]
@@ -49,11 +49,11 @@ def test_repetition_penalty_is_ctrl_formula():
     assert out.tolist() == [[1.0, -4.0, 1.0]]
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0.0),
-                                dict(top_p=1.01), dict(top_k=-1), dict(repetition_penalty=0.0),
-                                dict(max_new_tokens=-1), dict(stop=("",))])
+@pytest.mark.parametrize("kw", [{"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0},
+                                {"top_p": 1.01}, {"top_k": -1}, {"repetition_penalty": 0.0},
+                                {"max_new_tokens": -1}, {"stop": ("",)}])
 def test_invalid_values_name_the_allowed_range(kw):
-    with pytest.raises(ConfigError, match=list(kw)[0]):
+    with pytest.raises(ConfigError, match=next(iter(kw))):
         SamplingConfig(**kw)
 
 
@@ -106,7 +106,7 @@ def test_stop_strings_end_the_sample_and_are_not_shown(gpt):
 
 def test_seeded_sampling_is_reproducible(gpt):
     cfg = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=5, top_p=0.9, repetition_penalty=1.2)
-    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    g = lambda s: torch.Generator().manual_seed(s)
     a = generate_text(gpt, TOK, ["ab", "cd"], cfg, generator=g(1))
     assert a == generate_text(gpt, TOK, ["ab", "cd"], cfg, generator=g(1))
     assert a != generate_text(gpt, TOK, ["ab", "cd"], cfg, generator=g(2))
@@ -119,3 +119,41 @@ def test_long_prompt_is_cropped_from_the_left_and_said_once(gpt, caplog):
         out = generate_text(gpt, TOK, [long, long], cfg)
     assert out[0] == generate_text(gpt, TOK, [long[-16:]], cfg)[0]
     assert sum("longer than the context" in r.message for r in caplog.records) == 1
+
+
+class _Scripted:
+    """A decode-protocol model that emits a fixed token sequence (greedy picks the scripted id each step)."""
+
+    context_size = None
+
+    def __init__(self, script: list[int], vocab: int):
+        self.script, self.vocab = script, vocab
+
+    def new_cache(self, B, max_len):
+        class C:
+            pos = 0
+
+        return C()
+
+    def decode(self, ids, cache):
+        cache.pos += ids.size(1)
+        logits = torch.zeros(ids.size(0), self.vocab)
+        logits[:, self.script[min(cache.pos - 1, len(self.script) - 1)]] = 10.0
+        return logits
+
+
+def test_streamed_bpe_text_holds_incomplete_utf8_until_complete():
+    from genlab.data.tokenizers import BPETokenizer
+
+    tok = BPETokenizer.train(["abc " * 20], 300)  # no merges over é or the emoji: each byte is its own token
+    byte_ids = [tok.encode(ch)[0] for ch in "ab"]
+    ids = tok.encode("é☃")
+    assert len(ids) == len("é☃".encode())  # one token per byte: every character arrives over several tokens
+    lead = ids[0]  # the first byte of é, which alone is an incomplete character
+    script = [byte_ids[0], *ids, byte_ids[1], lead]  # ends after half a character
+    model = _Scripted(script, tok.vocab_size)
+    cfg = SamplingConfig(max_new_tokens=len(script), temperature=0)
+    pieces = [d.text for d in stream_text(model, tok, ["a"], cfg)]
+    assert all("\ufffd" not in p for p in pieces), pieces
+    assert "".join(pieces) == "aé☃b"  # the cut-off last character is dropped, not shown as U+FFFD
+    assert generate_text(model, tok, ["a"], cfg) == ["aé☃b"]

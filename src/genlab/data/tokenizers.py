@@ -155,7 +155,7 @@ def tokenizer_from_json(text: str, where: str = "tokenizer") -> Tokenizer:
 
     try:
         return BPETokenizer(HFTokenizer.from_str(text))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 -- the tokenizers library raises bare Exception on bad JSON
         raise CheckpointError(f"{where} is not a tokenizer file genlab can read ({e})") from None
 
 

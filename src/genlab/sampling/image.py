@@ -1,4 +1,4 @@
-"""Image outputs: sample grids as PNG files (what `genlab sample` and the training previews write)."""
+"""Image outputs: sample grids as image files (what `genlab sample` and the training previews write)."""
 
 from __future__ import annotations
 
@@ -29,22 +29,70 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, pad_v
     return grid[0] if c == 1 else grid.transpose(1, 2, 0)
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".gif": "GIF",
+                 ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def image_format(path: str | Path) -> str:
+    """The Pillow format a file name asks for (.png, .jpg, ...); an unknown suffix is a ConfigError."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ConfigError(f"{path}: cannot tell the image format from {suffix or 'a name without a suffix'}; "
+                          f"use one of {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
+
+
 def save_png(picture: np.ndarray, path: str | Path, scale: int = 1) -> Path:
-    """Write a uint8 picture (H, W) or (H, W, 3) as a PNG, atomically; `scale` enlarges it (nearest)."""
+    """Write a uint8 picture (H, W) or (H, W, 3) atomically in the format its name asks for (PNG, JPEG at quality
+    95, ...; see `image_format`); `scale` enlarges it (nearest)."""
     from PIL import Image
 
+    fmt = image_format(path)
     if scale > 1:
         picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
     buf = io.BytesIO()
-    Image.fromarray(picture).save(buf, format="PNG")
+    Image.fromarray(picture).save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """A PNG grid of uint8 images; small images (<= 16 px) are enlarged so they can be seen."""
+def _captioned(picture: np.ndarray, n: int, nrow: int, cell: tuple[int, int], pad: int, captions: list[str]):
+    """The grid with a strip under each row of images holding each image's caption (cut to the cell's width)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=10)
+    h, w = cell
+    band = 12
+    rows = math.ceil(n / nrow)
+    src = Image.fromarray(picture)
+    out = Image.new(src.mode, (src.width, src.height + rows * band), 255 if src.mode == "L" else (255, 255, 255))
+    draw = ImageDraw.Draw(out)
+    for r in range(rows):
+        top = pad + r * (h + pad)
+        out.paste(src.crop((0, top - pad, src.width, top + h)), (0, top - pad + r * band))
+        for q in range(min(nrow, n - r * nrow)):
+            text = captions[r * nrow + q]
+            while text and draw.textlength(text, font=font) > w + pad:
+                text = text[:-1]
+            x = pad + q * (w + pad) + (w - draw.textlength(text, font=font)) / 2
+            draw.text((x, top + h + r * band), text, fill=0 if src.mode == "L" else (0, 0, 0), font=font)
+    return np.asarray(out)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
+              captions: list[str] | None = None) -> Path:
+    """A grid of uint8 images written as the file's suffix says (PNG by default); small images (<= 16 px) are
+    enlarged so they can be seen. `captions` (one per image, e.g. class names) are written under the images."""
     scale = 4 if images.shape[-1] <= 16 else (2 if images.shape[-1] <= 32 else 1)
-    return save_png(make_grid(images, nrow), path, scale=scale)
+    if not captions:
+        return save_png(make_grid(images, nrow), path, scale=scale)
+    if len(captions) != len(images):
+        raise ConfigError(f"{len(captions)} captions for {len(images)} images")
+    big = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3) if scale > 1 else images
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    pad = 2 * scale
+    picture = make_grid(big, nrow, pad=pad)
+    return save_png(_captioned(picture, len(images), nrow, tuple(big.shape[-2:]), pad, captions), path)
 
 
 def read_image(path: str | Path, channels: int) -> torch.Tensor:

@@ -167,6 +167,12 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return n
 
 
+def _whole(text: str) -> str:
+    """The text of a finished sample without a trailing incomplete UTF-8 character (byte-level BPE can stop after
+    the first bytes of a character: those bytes decode to U+FFFD and would never be completed)."""
+    return text.rstrip("\ufffd")
+
+
 def stream_text(
     model,
     tokenizer,
@@ -208,7 +214,7 @@ def stream_text(
                     continue
                 if eos_id is not None and t == eos_id:
                     done[r] = True
-                    text = tokenizer.decode(new[r])
+                    text = _whole(tokenizer.decode(new[r]))
                     yield TextDelta(rows[r], text[emitted[r]:], done=True)
                     continue
                 new[r].append(t)
@@ -227,7 +233,7 @@ def stream_text(
                 break
         for r in range(len(rows)):
             if not done[r]:
-                text = tokenizer.decode(new[r])
+                text = _whole(tokenizer.decode(new[r]))
                 yield TextDelta(rows[r], text[emitted[r]:], done=True)
 
 
