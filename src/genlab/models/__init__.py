@@ -92,4 +92,4 @@ def replace(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
-from . import diffusion, flow, gan, gpt, ngram, pixelcnn, vae  # noqa: F401  (registration)
+from . import diffusion, flow, gan, gpt, llama, ngram, pixelcnn, vae  # noqa: F401  (registration)

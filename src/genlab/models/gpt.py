@@ -30,6 +30,7 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    activation: str = "gelu"  # "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation GPT-2's weights use)
 
     def validate(self):
         for k in ("block_size", "n_layer", "n_head", "n_embd"):
@@ -41,7 +42,11 @@ class GPTConfig:
             raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.activation not in GELU:
+            raise ConfigError(f"model.activation={self.activation!r} must be one of: {', '.join(GELU)}")
 
+
+GELU = {"gelu": "none", "gelu_tanh": "tanh"}  # activation -> F.gelu's `approximate`
 
 PRESETS = {
     "tiny": {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32},
@@ -51,14 +56,15 @@ PRESETS = {
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, dropout: float, bias: bool, approximate: str = "none"):
         super().__init__()
+        self.approximate = approximate
         self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
         self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="none")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -67,7 +73,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout, cfg.bias)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
+        self.mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias, GELU[cfg.activation])
 
     def forward(self, x, cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), cache, layer)
@@ -169,7 +175,8 @@ class GPT(nn.Module):
         if type(t.ln_f) is not nn.LayerNorm or type(self.lm_head) is not nn.Linear:
             return None
         return (t.wte.weight, t.wpe.weight, tuple(layers), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps,
-                self.lm_head.weight, self.lm_head.bias, self.config.n_head, (self.config.n_embd,))
+                self.lm_head.weight, self.lm_head.bias, self.config.n_head, (self.config.n_embd,),
+                GELU[self.config.activation])
 
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append ids (B, T) to the cache -> next-token logits (B, V) at the last position.
@@ -180,7 +187,7 @@ class GPT(nn.Module):
         plan = cache.plan
         if ids.size(1) != 1 or plan is None or self.training:
             return self(ids, cache)[:, -1, :]
-        wte, wpe, layers, lnf_w, lnf_b, lnf_eps, head_w, head_b, n_head, shape = plan
+        wte, wpe, layers, lnf_w, lnf_b, lnf_eps, head_w, head_b, n_head, shape, approx = plan
         p = cache.pos
         if p >= wpe.size(0):
             raise ValueError(f"sequence of {p + 1} tokens exceeds the context of {wpe.size(0)}")
@@ -188,7 +195,7 @@ class GPT(nn.Module):
         for i, (w1, b1, e1, wa, ba, wp, bp, w2, b2, e2, wf, bf, wm, bm) in enumerate(layers):
             y = decode_attention(F.linear(F.layer_norm(x, shape, w1, b1, e1), wa, ba), cache, i, n_head)
             x = x + F.linear(y, wp, bp)
-            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, shape, w2, b2, e2), wf, bf)), wm, bm)
+            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, shape, w2, b2, e2), wf, bf), approximate=approx), wm, bm)
         cache.pos = p + 1
         return F.linear(F.layer_norm(x, shape, lnf_w, lnf_b, lnf_eps), head_w, head_b)  # (B, V)
 

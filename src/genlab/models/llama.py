@@ -1,0 +1,220 @@
+"""Llama: a decoder-only Transformer with the Llama architecture (Touvron et al. 2023).
+
+Against GPT-2 (gpt.py): RMSNorm instead of LayerNorm (Zhang & Sennrich 2019), rotary position embeddings
+instead of learned ones (Su et al. 2021, eq. 34, in the "rotate half" layout of Hugging Face), grouped-query
+attention with fewer key/value heads than query heads (Ainslie et al. 2023), a SwiGLU MLP (Shazeer 2020,
+eq. 6) and no biases. Module names follow `transformers.LlamaForCausalLM` (model.layers.i.self_attn.q_proj,
+...), so pretrained weights map one-to-one (adapt/hf.py). SmolLM2 is this architecture.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import ConfigError
+from ..core.outputs import StepOutput
+from ..nn.attention import KVCache, attention, causal_mask
+from . import register_family
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    family: str = "llama"
+    vocab_size: int = 0  # set from the tokenizer
+    block_size: int = 64  # context length (max_position_embeddings)
+    n_layer: int = 4
+    n_head: int = 4  # query heads
+    n_kv_head: int = 2  # key/value heads; n_head must be a multiple (grouped-query attention)
+    n_embd: int = 128
+    intermediate_size: int = 384  # SwiGLU hidden width
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def validate(self):
+        for k in ("block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"model.{k}={getattr(self, k)} must be >= 1")
+        if self.vocab_size < 0:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} must be >= 0 (0 = from the tokenizer)")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ConfigError(f"the head size n_embd/n_head={self.n_embd // self.n_head} must be even for rotary "
+                              "embeddings")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}")
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0:
+            raise ConfigError("model.rope_theta and model.rms_norm_eps must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+
+# baby has the parameters of gpt's baby (SwiGLU 3 x 128 x 384 ~ GELU 2 x 128 x 512; GQA saves what RoPE adds)
+PRESETS = {
+    "tiny": {"block_size": 32, "n_layer": 2, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "intermediate_size": 96},
+    "baby": {"block_size": 64, "n_layer": 4, "n_head": 4, "n_kv_head": 2, "n_embd": 128, "intermediate_size": 384},
+    "small": {"block_size": 256, "n_layer": 6, "n_head": 6, "n_kv_head": 2, "n_embd": 384,
+              "intermediate_size": 1024, "dropout": 0.2},
+}
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (Zhang & Sennrich 2019, eq. 4), computed in fp32 as Llama does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (length, head_dim) of RoFormer eq. 34: angle pos * theta^(-2i/d), each frequency twice."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    ang = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    ang = torch.cat((ang, ang), dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) by their angles: x cos + rotate_half(x) sin. x (B, H, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        p = 0
+        if cache is not None:  # the cache holds keys after rotation, so they never rotate again
+            p = cache.pos
+            cache.k[layer, :, :, p : p + T] = k
+            cache.v[layer, :, :, p : p + T] = v
+            k, v = cache.k[layer, :, :, : p + T], cache.v[layer, :, :, : p + T]
+        groups = self.n_head // self.n_kv_head  # each key/value head serves `groups` query heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        mask = None if (cache is not None and T == 1) else causal_mask(T, p)
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer 2020, eq. 6)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache, layer))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+
+@register_family("llama", LlamaConfig, PRESETS, modality="text")
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ConfigError("Llama needs model.vocab_size >= 1 (it is normally taken from the tokenizer)")
+        self.config = config
+        self.context_size = config.block_size
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.model.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.model.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        for m in self.modules():  # Llama's initialisation: N(0, 0.02) everywhere, norms at one
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V). With a cache, idx continues the cached tokens."""
+        c = self.config
+        T = idx.size(1)
+        start = cache.pos if cache is not None else 0
+        if start + T > c.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {c.block_size}")
+        cos, sin = rope_tables(c.n_embd // c.n_head, c.block_size, float(c.rope_theta))
+        cos, sin = cos[start : start + T].to(idx.device), sin[start : start + T].to(idx.device)
+        x = self.model.embed_tokens(idx)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.lm_head(self.model.norm(x))
+
+    loss_unit = "nats/token"  # what loss() returns, named wherever it is printed
+
+    def loss(self, batch) -> StepOutput:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        return StepOutput(loss, {}, n_items=y.numel())
+
+    @torch.no_grad()
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x_1..x_{T-1} | x_0) in nats, (B,). Needs T <= block_size + 1."""
+        logits = self(x[:, :-1]).float()
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+        return lp.sum(dim=1)
+
+    # -- the incremental-decode protocol used by sampling/text.py --
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        dtype = self.model.embed_tokens.weight.dtype
+        return KVCache(c.n_layer, batch, c.n_kv_head, min(max_len, c.block_size), c.n_embd // c.n_head, dtype)
+
+    def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Append ids (B, T) to the cache -> next-token logits (B, V) at the last position."""
+        return self(ids, cache)[:, -1, :]
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None, **controls) -> torch.Tensor:
+        """n unconditional sequences of token ids (B, max_new_tokens), starting from token 0."""
+        from ..sampling.text import generate_ids
+
+        out = generate_ids(self, [[0]] * n, generator=generator, **controls)
+        return torch.tensor([row for row in out])
