@@ -209,6 +209,20 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_import(a) -> int:
+    from . import api
+    from .adapt.hf import import_hf
+
+    out = import_hf(a.src, a.run, overwrite=a.overwrite)
+    run = api.load(out)
+    c = run.model.config
+    print(f"imported {a.src} as a genlab {run.family} run: {out}")
+    print(f"{api.num_params(run.model):,} parameters, {c.n_layer} layers, context {c.block_size} tokens, "
+          f"vocabulary {c.vocab_size:,}")
+    print(f"try: genlab generate {out} --prompt \"Once upon a time\"")
+    return 0
+
+
 def cmd_export(a) -> int:
     from . import api
     from .adapt.hf import export_hf
@@ -216,7 +230,8 @@ def cmd_export(a) -> int:
     run = api.load(a.run)
     out = export_hf(run, a.out, overwrite=a.overwrite)
     ctx, eos = run.model.config.block_size, run.eos_id()
-    print(f"exported {a.run} as a Hugging Face GPT-2 folder (GPT2LMHeadModel + tokenizer.json): {out}")
+    arch = "GPT-2 folder (GPT2LMHeadModel" if run.family == "gpt" else "Llama folder (LlamaForCausalLM"
+    print(f"exported {a.run} as a Hugging Face {arch} + tokenizer.json): {out}")
     print(f"use it with: transformers.pipeline('text-generation', model={str(out)!r}), or AutoTokenizer and "
           "AutoModelForCausalLM.from_pretrained")
     print(f"context: {ctx} tokens, prompt and new tokens together; generation stops there by default, and "
@@ -282,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="generate text from a language-model run", formatter_class=fmt,
-                       description="Continue a prompt with a trained language model (gpt or ngram).")
+                       description="Continue a prompt with a language model (gpt, llama or ngram, trained or imported).")
     g.add_argument("run", help="run folder, e.g. runs/shakespeare_char")
     g.add_argument("--prompt", default="", help="text to continue; escapes such as \\n are decoded; printed before "
                                                 "its continuation (the Python API returns the continuation only); "
@@ -356,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="export a run to another library's format", formatter_class=fmt,
-                       description="Export a gpt run as a Hugging Face GPT-2 folder that transformers' AutoTokenizer, "
+                       description="Export a gpt or llama run as a Hugging Face GPT-2 or Llama folder that transformers' AutoTokenizer, "
                                    "AutoModelForCausalLM and pipeline('text-generation') load as they are.")
     x.add_argument("run", help="run folder")
     x.add_argument("out", help="output folder")
@@ -364,6 +379,16 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in `out` (a folder holding other files is always refused)")
     x.set_defaults(fn=cmd_export)
+
+    m = sub.add_parser("import", help="import a pretrained model as a run", formatter_class=fmt,
+                       description="Import a local Hugging Face causal-LM folder (GPT-2 or Llama architecture: "
+                                   "config.json, safetensors or pytorch_model.bin weights, tokenizer.json) as a "
+                                   "genlab run folder that genlab.load, generate and eval use. Nothing is "
+                                   "downloaded.")
+    m.add_argument("src", help="a transformers model folder (as save_pretrained writes it)")
+    m.add_argument("run", help="the run folder to create")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    m.set_defaults(fn=cmd_import)
 
     d = sub.add_parser("demo", help="the main job: n-gram vs GPT on Shakespeare", formatter_class=fmt,
                        description="Train the n-gram baseline and a GPT on Shakespeare, compare them on held-out "

@@ -171,4 +171,4 @@ def test_export_never_deletes_a_folder_that_is_not_an_export(trained_gpt, tmp_pa
 
 def test_export_rejects_non_gpt_runs(trained_ngram, tmp_path):
     p = run_cli("export", trained_ngram, tmp_path / "x")
-    assert p.returncode == 2 and "only 'gpt' runs" in p.stderr
+    assert p.returncode == 2 and "only 'gpt' and 'llama' runs" in p.stderr

@@ -1,4 +1,5 @@
-"""Interop with Hugging Face `transformers`: export a genlab GPT run as a GPT-2 folder.
+"""Interop with Hugging Face `transformers`: export a genlab GPT or Llama run as a transformers folder, and import
+a local GPT-2 or Llama folder as a genlab run.
 
 GPT-2 stores its linear layers as `Conv1D` with weights of shape (in, out), the transpose of
 `nn.Linear`; everything else maps name for name (genlab's GPT uses GPT-2's names).
@@ -19,8 +20,16 @@ from pathlib import Path
 
 import torch
 
-from ..core.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..core.errors import ConfigError, GenlabError
+from ..core.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+    save_weights,
+    write_model_config,
+)
+from ..core.errors import CheckpointError, ConfigError, GenlabError
+from ..data.tokenizers import tokenizer_from_json
 
 # every file an export writes (or an earlier genlab version wrote): only these are ever removed on --overwrite
 EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -38,7 +47,7 @@ def gpt2_config(cfg, *, eos_id: int | None = None) -> dict:
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": 4 * cfg.n_embd,
-        "activation_function": "gelu",  # exact (erf) GELU, as genlab's MLP
+        "activation_function": {"gelu": "gelu", "gelu_tanh": "gelu_new"}[cfg.activation],
         "resid_pdrop": 0.0,
         "embd_pdrop": 0.0,
         "attn_pdrop": 0.0,
@@ -48,6 +57,34 @@ def gpt2_config(cfg, *, eos_id: int | None = None) -> dict:
         "use_cache": True,
         "tie_word_embeddings": True,
         "bos_token_id": eos_id,  # None without an end-of-text token: no ordinary character stands in for one
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+    }
+
+
+def llama_config(cfg, *, eos_id: int | None = None) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.block_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.n_embd // cfg.n_head,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": eos_id,
         "eos_token_id": eos_id,
         "torch_dtype": "float32",
     }
@@ -87,9 +124,9 @@ def export_hf(run, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     from safetensors.torch import save
 
     cfg = run.model.config
-    if cfg.family != "gpt":
-        raise ConfigError(f"only 'gpt' runs export to Hugging Face GPT-2; this run is {cfg.family!r}")
-    if not cfg.bias:
+    if cfg.family not in ("gpt", "llama"):
+        raise ConfigError(f"only 'gpt' and 'llama' runs export to Hugging Face; this run is {cfg.family!r}")
+    if cfg.family == "gpt" and not cfg.bias:
         raise GenlabError("GPT-2 has biases everywhere; a model trained with model.bias=false cannot export")
     if run.tokenizer is None:
         raise GenlabError(f"{run.path} has no tokenizer.json: transformers could not encode a prompt")
@@ -105,9 +142,15 @@ def export_hf(run, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
     try:
-        atomic_write_json(tmp / "config.json", gpt2_config(cfg, eos_id=eos))
+        if cfg.family == "gpt":
+            hf_cfg, weights = gpt2_config(cfg, eos_id=eos), gpt2_state_dict(run.model)
+        else:  # Llama's names are transformers' own; a tied head is stored once (as embed_tokens)
+            hf_cfg = llama_config(cfg, eos_id=eos)
+            weights = {k: t.detach().contiguous().clone() for k, t in run.model.state_dict().items()
+                       if not (cfg.tie_embeddings and k == "lm_head.weight")}
+        atomic_write_json(tmp / "config.json", hf_cfg)
         atomic_write_json(tmp / "generation_config.json", gen)
-        atomic_write_bytes(tmp / "model.safetensors", save(gpt2_state_dict(run.model), metadata={"format": "pt"}))
+        atomic_write_bytes(tmp / "model.safetensors", save(weights, metadata={"format": "pt"}))
         atomic_write_text(tmp / "tokenizer.json", run.tokenizer.to_hf().to_str())
         atomic_write_json(tmp / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
@@ -121,6 +164,148 @@ def export_hf(run, out_dir: str | Path, *, overwrite: bool = False) -> Path:
             old.rmdir()
         else:
             tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------- import
+
+SUPPORTED = "gpt2 (GPT2LMHeadModel) and llama (LlamaForCausalLM, e.g. SmolLM2, TinyLlama)"
+
+
+def _hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers folder: model.safetensors, its shards (model.safetensors.index.json) or
+    pytorch_model.bin (read with weights_only, so no code in it runs)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        if (src / "model.safetensors").is_file():
+            return load_file(src / "model.safetensors")
+        if (src / "model.safetensors.index.json").is_file():
+            index = read_json(src / "model.safetensors.index.json", "safetensors index")
+            out = {}
+            for shard in sorted(set(index.get("weight_map", {}).values())):
+                out |= load_file(src / shard)
+            return out
+        if (src / "pytorch_model.bin").is_file():
+            return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"the weights in {src} cannot be read ({e}); the file is damaged or incomplete") from None
+    raise CheckpointError(f"{src} has no weights (model.safetensors, model.safetensors.index.json or "
+                          "pytorch_model.bin)")
+
+
+def _from_gpt2(hc: dict, weights: dict) -> tuple[dict, dict]:
+    act = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hc.get("activation_function"))
+    n_embd = hc["n_embd"]
+    if act is None or hc.get("n_inner") not in (None, 4 * n_embd):
+        raise ConfigError(f"this GPT-2 variant (activation {hc.get('activation_function')!r}, n_inner "
+                          f"{hc.get('n_inner')}) is not supported: genlab's gpt has GELU and a 4x MLP")
+    cfg = {"vocab_size": hc["vocab_size"], "block_size": hc["n_positions"], "n_layer": hc["n_layer"],
+           "n_head": hc["n_head"], "n_embd": n_embd, "bias": True, "activation": act}
+    sd = {}
+    for k, t in weights.items():
+        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # GPT2Model files lack it
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # the old causal-mask buffers
+        if k.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
+        sd[k] = t
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]  # GPT-2 ties its head
+    return cfg, sd
+
+
+def _from_llama(hc: dict, weights: dict) -> tuple[dict, dict]:
+    n_embd, n_head = hc["hidden_size"], hc["num_attention_heads"]
+    unsupported = []
+    if hc.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={hc['hidden_act']!r}")
+    if hc.get("rope_scaling") not in (None, {}) and (hc["rope_scaling"] or {}).get("rope_type", "default") != "default":
+        unsupported.append(f"rope_scaling={hc['rope_scaling']}")
+    if hc.get("attention_bias") or hc.get("mlp_bias"):
+        unsupported.append("biases in attention or MLP")
+    if hc.get("head_dim") not in (None, n_embd // n_head):
+        unsupported.append(f"head_dim={hc['head_dim']} (genlab uses hidden_size / heads)")
+    if unsupported:
+        raise ConfigError(f"this Llama variant is not supported: {', '.join(unsupported)}")
+    tie = bool(hc.get("tie_word_embeddings", False))
+    theta = hc.get("rope_theta") or (hc.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    cfg = {"vocab_size": hc["vocab_size"], "block_size": hc["max_position_embeddings"],
+           "n_layer": hc["num_hidden_layers"], "n_head": n_head,
+           "n_kv_head": hc.get("num_key_value_heads") or n_head, "n_embd": n_embd,
+           "intermediate_size": hc["intermediate_size"], "rope_theta": float(theta),
+           "rms_norm_eps": float(hc.get("rms_norm_eps", 1e-6)), "tie_embeddings": tie}
+    sd = {k: t for k, t in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+    if tie or "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+        cfg["tie_embeddings"] = True
+    return cfg, sd
+
+
+def read_hf(src: str | Path):
+    """A transformers causal-LM folder -> (family, model config dict, state dict, tokenizer JSON text, extras).
+    extras: what a chat needs later (tokenizer_config.json's chat template and special tokens, the generation
+    config), kept as the folder had them."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ConfigError(f"{src} is not a folder; genlab imports a local transformers folder ({SUPPORTED})")
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{src} has no config.json: not a transformers model folder")
+    hc = read_json(src / "config.json", "transformers config")
+    kind = hc.get("model_type")
+    if kind not in ("gpt2", "llama"):
+        arch = ", ".join(hc.get("architectures") or []) or "none given"
+        raise ConfigError(f"{src}: model_type {kind!r} ({arch}) is not supported; genlab imports {SUPPORTED}")
+    if not (src / "tokenizer.json").is_file():
+        raise CheckpointError(f"{src} has no tokenizer.json (the fast tokenizer file): genlab could not encode a "
+                              "prompt; save the tokenizer with tokenizer.save_pretrained(folder) first")
+    weights = {k: t.float() for k, t in _hf_weights(src).items()}
+    try:
+        family, (cfg, sd) = (("gpt",) + (_from_gpt2(hc, weights),) if kind == "gpt2"
+                             else ("llama",) + (_from_llama(hc, weights),))
+    except KeyError as e:
+        raise CheckpointError(f"{src}: config.json or the weights lack {e} for a {kind} model") from None
+    extras = {}
+    for name in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            extras[name] = read_json(src / name, name)
+    return family, cfg, sd, (src / "tokenizer.json").read_text(encoding="utf-8"), extras
+
+
+def import_hf(src: str | Path, run_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Import a transformers GPT-2 or Llama folder as a genlab run folder (config.json, model.safetensors,
+    tokenizer.json, and the folder's tokenizer/generation configs as hf_*.json). Built beside the target and
+    moved into place whole; an existing run is replaced only with `overwrite`."""
+    from ..models import build_model, config_dict, config_from_saved
+
+    family, cfg_d, sd, tok_json, extras = read_hf(src)
+    cfg = config_from_saved(family, cfg_d)
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{src}: the weights do not fit a {family} model of its config.json (missing: "
+                              f"{', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'})")
+    tokenizer_from_json(tok_json, f"{src}/tokenizer.json")  # refuse an unreadable tokenizer before writing
+    out = Path(run_dir).resolve()
+    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
+    if occupied and not (overwrite and (out / "config.json").is_file()):
+        raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace a run there (a folder "
+                          "that is not a run is never replaced)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    try:
+        write_model_config(tmp, family, config_dict(cfg))
+        save_weights(tmp / "model.safetensors", model, metadata={"imported_from": Path(src).name})
+        atomic_write_text(tmp / "tokenizer.json", tok_json)
+        for name, obj in extras.items():
+            atomic_write_json(tmp / f"hf_{name}", obj)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
