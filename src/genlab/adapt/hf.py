@@ -277,18 +277,27 @@ def read_hf(src: str | Path):
 
 def import_hf(src: str | Path, run_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Import a transformers GPT-2 or Llama folder as a genlab run folder (config.json, model.safetensors,
-    tokenizer.json, and the folder's tokenizer/generation configs as hf_*.json). Built beside the target and
-    moved into place whole; an existing run is replaced only with `overwrite`."""
+    tokenizer.json, and the folder's tokenizer/generation configs as hf_*.json)."""
+    family, cfg_d, sd, tok_json, extras = read_hf(src)
+    return write_run(family, cfg_d, sd, tok_json, extras, run_dir, source=Path(src).name, overwrite=overwrite)
+
+
+def write_run(family: str, cfg_d: dict, sd: dict, tok_json: str, extras: dict, run_dir: str | Path, *,
+              source: str, overwrite: bool = False) -> Path:
+    """A run folder from imported parts, checked first (the weights fit the config, the tokenizer reads), built
+    beside the target and moved into place whole; an existing run is replaced only with `overwrite`."""
     from ..models import build_model, config_dict, config_from_saved
 
-    family, cfg_d, sd, tok_json, extras = read_hf(src)
     cfg = config_from_saved(family, cfg_d)
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{src}: the weights do not fit a {family} model of its config.json (missing: "
+        raise CheckpointError(f"{source}: the weights do not fit a {family} model of its config (missing: "
                               f"{', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'})")
-    tokenizer_from_json(tok_json, f"{src}/tokenizer.json")  # refuse an unreadable tokenizer before writing
+    tok = tokenizer_from_json(tok_json, f"{source} tokenizer")  # refuse an unreadable tokenizer before writing
+    if tok.vocab_size > cfg.vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                              f"{cfg.vocab_size}")
     out = Path(run_dir).resolve()
     occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
     if occupied and not (overwrite and (out / "config.json").is_file()):
@@ -299,7 +308,7 @@ def import_hf(src: str | Path, run_dir: str | Path, *, overwrite: bool = False) 
     tmp.mkdir()
     try:
         write_model_config(tmp, family, config_dict(cfg))
-        save_weights(tmp / "model.safetensors", model, metadata={"imported_from": Path(src).name})
+        save_weights(tmp / "model.safetensors", model, metadata={"imported_from": source})
         atomic_write_text(tmp / "tokenizer.json", tok_json)
         for name, obj in extras.items():
             atomic_write_json(tmp / f"hf_{name}", obj)
