@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..core.config import from_dict, to_dict
 from ..core.errors import ConfigError
+from ..core.outputs import StepOutput
 from ..core.registry import Registry
 
 
@@ -55,6 +57,36 @@ def class_labels(cfg, y, n: int, what: str):
         got = None if y is None else y.tolist()[:12]
         raise ConfigError(f"a class-conditional {what} needs {n} labels in [0, {cfg.num_classes - 1}]; got {got}")
     return y
+
+
+class NextTokenLM:
+    """What every token language model (gpt, llama) shares on top of its `forward(idx) -> logits`: the
+    cross-entropy loss, the exact log-likelihood and unconditional sampling through sampling/text.py."""
+
+    loss_unit = "nats/token"  # what loss() returns, named wherever it is printed
+
+    def loss(self, batch) -> StepOutput:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+        return StepOutput(loss, {}, n_items=y.numel())
+
+    @torch.no_grad()
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x_1..x_{T-1} | x_0) in nats, (B,). Needs T <= block_size + 1."""
+        logits = self(x[:, :-1]).float()
+        lp = torch.log_softmax(logits, dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+        return lp.sum(dim=1)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None, **controls) -> torch.Tensor:
+        """n unconditional sequences of token ids (B, max_new_tokens), starting from token 0."""
+        from ..sampling.text import generate_ids
+
+        out = generate_ids(self, [[0]] * n, generator=generator, **controls)
+        return torch.tensor([row for row in out])
 
 
 def build_config(section: dict[str, Any]):

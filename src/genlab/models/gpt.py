@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.outputs import StepOutput
 from ..nn.attention import CausalSelfAttention, KVCache, decode_attention
-from . import register_family
+from . import NextTokenLM, register_family
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class Block(nn.Module):
 
 
 @register_family("gpt", GPTConfig, PRESETS, modality="text")
-class GPT(nn.Module):
+class GPT(NextTokenLM, nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         if config.vocab_size < 1:
@@ -113,8 +112,6 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V). With a cache, idx continues the cached tokens."""
@@ -130,20 +127,6 @@ class GPT(nn.Module):
             cache.pos += T
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
 
-    loss_unit = "nats/token"  # what loss() returns, named wherever it is printed
-
-    def loss(self, batch) -> StepOutput:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-        return StepOutput(loss, {}, n_items=y.numel())
-
-    @torch.no_grad()
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact log p(x_1..x_{T-1} | x_0) in nats, (B,). Needs T <= block_size + 1."""
-        logits = self(x[:, :-1]).float()
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
-        return lp.sum(dim=1)
 
     # -- the incremental-decode protocol used by sampling/text.py --
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -198,11 +181,3 @@ class GPT(nn.Module):
             x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, shape, w2, b2, e2), wf, bf), approximate=approx), wm, bm)
         cache.pos = p + 1
         return F.linear(F.layer_norm(x, shape, lnf_w, lnf_b, lnf_eps), head_w, head_b)  # (B, V)
-
-    def sample(self, n: int, *, generator: torch.Generator | None = None, **controls) -> torch.Tensor:
-        """n unconditional sequences of token ids (B, max_new_tokens), starting from token 0."""
-        from ..sampling.text import generate_ids
-
-        prompts = [[0]] * n
-        out = generate_ids(self, prompts, generator=generator, **controls)
-        return torch.tensor([row for row in out])

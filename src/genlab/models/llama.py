@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.outputs import StepOutput
 from ..nn.attention import KVCache, attention, causal_mask
-from . import register_family
+from . import NextTokenLM, register_family
 
 
 @dataclass(frozen=True)
@@ -80,10 +79,11 @@ class RMSNorm(nn.Module):
 @functools.lru_cache(maxsize=8)
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (length, head_dim) of RoFormer eq. 34: angle pos * theta^(-2i/d), each frequency twice."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
-    ang = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
-    ang = torch.cat((ang, ang), dim=-1)
-    return ang.cos(), ang.sin()
+    with torch.inference_mode(False), torch.no_grad():  # cached: usable later with or without autograd
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+        ang = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+        ang = torch.cat((ang, ang), dim=-1)
+        return ang.cos(), ang.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,7 @@ class Block(nn.Module):
 
 
 @register_family("llama", LlamaConfig, PRESETS, modality="text")
-class Llama(nn.Module):
+class Llama(NextTokenLM, nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         if config.vocab_size < 1:
@@ -168,8 +168,6 @@ class Llama(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V). With a cache, idx continues the cached tokens."""
@@ -187,20 +185,6 @@ class Llama(nn.Module):
             cache.pos += T
         return self.lm_head(self.model.norm(x))
 
-    loss_unit = "nats/token"  # what loss() returns, named wherever it is printed
-
-    def loss(self, batch) -> StepOutput:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-        return StepOutput(loss, {}, n_items=y.numel())
-
-    @torch.no_grad()
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact log p(x_1..x_{T-1} | x_0) in nats, (B,). Needs T <= block_size + 1."""
-        logits = self(x[:, :-1]).float()
-        lp = torch.log_softmax(logits, dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
-        return lp.sum(dim=1)
 
     # -- the incremental-decode protocol used by sampling/text.py --
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -211,10 +195,3 @@ class Llama(nn.Module):
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append ids (B, T) to the cache -> next-token logits (B, V) at the last position."""
         return self(ids, cache)[:, -1, :]
-
-    def sample(self, n: int, *, generator: torch.Generator | None = None, **controls) -> torch.Tensor:
-        """n unconditional sequences of token ids (B, max_new_tokens), starting from token 0."""
-        from ..sampling.text import generate_ids
-
-        out = generate_ids(self, [[0]] * n, generator=generator, **controls)
-        return torch.tensor([row for row in out])
