@@ -312,9 +312,13 @@ def write_run(family: str, cfg_d: dict, sd: dict, tok_json: str, extras: dict, r
         atomic_write_text(tmp / "tokenizer.json", tok_json)
         for name, obj in extras.items():
             atomic_write_json(tmp / f"hf_{name}", obj)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        if out.exists():  # an earlier run (checked above): swap it out whole, then remove it
+            old = tmp.with_suffix(".old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
