@@ -35,11 +35,11 @@ def write_config(path: Path, *, name="tiny", family="gpt", preset="tiny", out_di
     return path
 
 
-def run_cli(*args, cwd=None, check=False, timeout=300, env=None) -> subprocess.CompletedProcess:
-    """Run `genlab ARGS` as a user would, in a subprocess."""
+def run_cli(*args, cwd=None, check=False, timeout=300, env=None, input=None) -> subprocess.CompletedProcess:
+    """Run `genlab ARGS` as a user would, in a subprocess (`input`: text piped to its stdin)."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     p = subprocess.run([sys.executable, "-m", "genlab", *map(str, args)], cwd=cwd, capture_output=True,
-                       text=True, timeout=timeout, env=e, check=False)
+                       text=True, timeout=timeout, env=e, check=False, input=input)
     if check and p.returncode != 0:
         raise AssertionError(f"genlab {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr}")
     return p

@@ -1,11 +1,11 @@
 """genlab: generative models made real and hands-on on a CPU.
 
-The small public API: `load_dataset`, `build`, `load`, `fit`, `train`, `sample`, `generate`, `evaluate`.
+The small public API: `load_dataset`, `build`, `load`, `fit`, `train`, `sample`, `generate`, `chat`, `evaluate`.
 """
 
 __version__ = "0.1.0"
 
-from .api import build, evaluate, generate, load, load_dataset, sample, train
+from .api import build, chat, evaluate, generate, load, load_dataset, sample, train
 from .training.trainer import fit
 
-__all__ = ["__version__", "build", "evaluate", "fit", "generate", "load", "load_dataset", "sample", "train"]
+__all__ = ["__version__", "build", "chat", "evaluate", "fit", "generate", "load", "load_dataset", "sample", "train"]

