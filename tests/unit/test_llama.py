@@ -34,14 +34,19 @@ def test_logits_equal_transformers(tie, n_kv_head):
         assert torch.allclose(ours(x), hf(x).logits, atol=1e-5, rtol=0)
 
 
-def test_cached_decode_equals_the_full_forward():
-    _, m = pair(tie=True)
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "modules"])
+def test_cached_decode_equals_the_full_forward(n_kv_head, fast):
+    _, m = pair(tie=True, n_kv_head=n_kv_head)
+    if not fast:  # a hook (as an adapter or a probe adds) sends decoding through the modules
+        m.model.layers[1].mlp.up_proj.register_forward_hook(lambda *a: None)
     x = torch.randint(0, 50, (2, 40))
     with torch.no_grad():
         full = m(x)
         cache = m.new_cache(2, 40)
+        assert (cache.plan is not None) == fast
         steps = [m.decode(x[:, :25], cache)] + [m.decode(x[:, t : t + 1], cache) for t in range(25, 40)]
-    assert cache.k.shape[2] == 2  # the cache holds the 2 key/value heads, not the 4 query heads
+    assert cache.k.shape[2] == n_kv_head  # the cache holds the key/value heads, not the 4 query heads
     for i, logits in zip(range(24, 40), steps, strict=True):
         assert torch.allclose(logits, full[:, i], atol=1e-5)
 

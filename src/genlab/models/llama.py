@@ -190,8 +190,74 @@ class Llama(NextTokenLM, nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
         dtype = self.model.embed_tokens.weight.dtype
-        return KVCache(c.n_layer, batch, c.n_kv_head, min(max_len, c.block_size), c.n_embd // c.n_head, dtype)
+        cache = KVCache(c.n_layer, batch, c.n_kv_head, min(max_len, c.block_size), c.n_embd // c.n_head, dtype)
+        cache.plan = self._decode_plan()
+        return cache
+
+    def _decode_plan(self) -> tuple | None:
+        """What the one-token decode step reads, gathered once per cache: per layer the two norm weights and a
+        callable per projection (F.linear on the weight, or a quantized layer's own forward). None (use the
+        modules) when a layer was swapped for another type or carries hooks, e.g. an adapter."""
+        def proj(m):
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+            if type(m) is nn.Linear and m.bias is None:
+                return functools.partial(F.linear, weight=m.weight)
+            return m.forward if getattr(m, "decode_ready", False) else None  # e.g. adapt/quantize.py's layers
+
+        kinds = {"input_layernorm": RMSNorm, "self_attn": Attention, "post_attention_layernorm": RMSNorm, "mlp": MLP}
+        names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")
+        layers = []
+        for block in self.model.layers:
+            if type(block) is not Block or any(type(block.get_submodule(n)) is not k or
+                                               block.get_submodule(n)._forward_hooks for n, k in kinds.items()):
+                return None
+            fns = [proj(block.get_submodule(n)) for n in names]
+            if any(f is None for f in fns):
+                return None
+            layers.append((block.input_layernorm.weight, block.post_attention_layernorm.weight, *fns))
+        head = proj(self.lm_head)
+        if head is None or type(self.model.norm) is not RMSNorm or type(self.model.embed_tokens) is not nn.Embedding:
+            return None
+        c = self.config
+        cos, sin = rope_tables(c.n_embd // c.n_head, c.block_size, float(c.rope_theta))
+        return self.model.embed_tokens.weight, tuple(layers), self.model.norm.weight, head, cos, sin
 
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Append ids (B, T) to the cache -> next-token logits (B, V) at the last position."""
-        return self(ids, cache)[:, -1, :]
+        """Append ids (B, T) to the cache -> next-token logits (B, V) at the last position.
+
+        One new token per row (the generate loop's every step) takes a fast path: the same math as `forward`
+        with functional ops on what `new_cache` gathered, no Module calls, the rotary angles of one position,
+        and grouped-query attention without repeating keys: the query heads of a group are one matrix product
+        against their shared key/value head."""
+        plan = cache.plan
+        if ids.size(1) != 1 or plan is None or self.training:
+            return self(ids, cache)[:, -1, :]
+        emb, layers, norm_w, head, cos, sin = plan
+        c, p, B = self.config, cache.pos, ids.size(0)
+        if p >= c.block_size:
+            raise ValueError(f"sequence of {p + 1} tokens exceeds the context of {c.block_size}")
+        H, Hkv, D, shape, eps = c.n_head, c.n_kv_head, c.n_embd // c.n_head, (c.n_embd,), c.rms_norm_eps
+        cos, sin, half = cos[p], sin[p], D // 2
+
+        def rope(t):  # (..., D) at position p: t cos + rotate_half(t) sin
+            return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+
+        def norm(t, w):
+            return F.rms_norm(t.float(), shape, w.float(), eps).to(t.dtype)
+
+        x = F.embedding(ids.reshape(-1), emb)  # (B, C)
+        for i, (w_in, w_post, q_proj, k_proj, v_proj, o_proj, gate, up, down) in enumerate(layers):
+            h = norm(x, w_in)
+            q = rope(q_proj(h).view(B, Hkv, H // Hkv, D))  # (B, Hkv, G, D): a group's query heads together
+            kv = cache.layers[i]  # (2, B, Hkv, T_max, D)
+            kv[0, :, :, p] = rope(k_proj(h).view(B, Hkv, D))
+            kv[1, :, :, p] = v_proj(h).view(B, Hkv, D)
+            k, v = kv[0, :, :, : p + 1], kv[1, :, :, : p + 1]  # (B, Hkv, p + 1, D)
+            att = (q @ k.transpose(-2, -1) * D**-0.5).softmax(dim=-1)  # (B, Hkv, G, p + 1)
+            x = x + o_proj((att @ v).reshape(B, -1))
+            h = norm(x, w_post)
+            x = x + down(F.silu(gate(h)) * up(h))
+        cache.pos = p + 1
+        return head(norm(x, norm_w))  # (B, V)
