@@ -181,6 +181,9 @@ def train(
     tokenizer = None
     if resume:
         saved = ckpt.read_json(run_dir / ckpt.TRAIN_CONFIG, "run's train config")
+        if (run_dir / ckpt.CONFIG).is_file() and "quantization" in ckpt.read_model_config(run_dir):
+            raise ConfigError(f"{run_dir} is a quantized run (inference only): it cannot be trained; resume the "
+                              "full-precision run it was made from")
         _check_resume_compatible(saved, to_dict(rc))
         if family.modality == "text":
             tokenizer = load_tokenizer(run_dir / ckpt.TOKENIZER)
@@ -339,7 +342,21 @@ def load(path: str | Path) -> Run:
         cfg = config_from_saved(saved["family"], saved["model"])
     except ConfigError as e:
         raise CheckpointError(f"{path / ckpt.CONFIG}: {e}") from None
-    model = build_model(cfg)
+    quant = saved.get("quantization")
+    if quant is None:
+        model = build_model(cfg)
+    else:  # the structure without initialising full-precision weights, then the quantized layers in place
+        from .adapt.quantize import quantize_model
+
+        if not isinstance(quant, dict) or "method" not in quant:
+            raise CheckpointError(f"{path / ckpt.CONFIG}: 'quantization' must be {{'method': ..., 'group_size': ...}}")
+        with torch.device("meta"):
+            model = build_model(cfg)
+        try:
+            quantize_model(model, quant["method"], quant.get("group_size"), empty=True)
+        except ConfigError as e:
+            raise CheckpointError(f"{path / ckpt.CONFIG}: {e}") from None
+        model.to_empty(device="cpu")
     ckpt.load_weights(path / ckpt.WEIGHTS, model)
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
@@ -357,10 +374,41 @@ def load(path: str | Path) -> Run:
 
 
 def num_params(model) -> int:
-    """Trainable parameters, or the model's own count where it has one (the n-gram's stored statistics)."""
+    """Trainable parameters, or the model's own count where it has one (the n-gram's stored statistics); a
+    quantized layer counts the weights it stands for."""
+    quantized = sum(m.in_features * m.out_features + (0 if m.bias is None else m.out_features)
+                    for m in model.modules() if getattr(m, "quantized", False) and hasattr(m, "in_features"))
     if hasattr(model, "num_params"):
-        return int(model.num_params())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return int(model.num_params()) + quantized
+    return sum(p.numel() for p in model.parameters() if p.requires_grad) + quantized
+
+
+def quantize(run: Run | str | Path, out: str | Path, *, method: str = "int8", group_size: int | None = None,
+             overwrite: bool = False) -> Path:
+    """Write a quantized copy of a gpt or llama run to `out` (adapt/quantize.py: weight-only int8 per row, or
+    int4 in groups of `group_size` inputs, default 32): config.json records the method; the tokenizer, chat
+    template and train config come along. Loaded by `load` like any run; training refuses it."""
+    from .adapt.hf import check_run_target
+    from .adapt.quantize import check, is_quantized, quantize_model
+
+    group_size = check(method, group_size)
+    run = _as_run(run)
+    if run.family not in ("gpt", "llama"):
+        raise ConfigError(f"quantization is for gpt and llama runs; {run.path} is {run.family!r}")
+    if is_quantized(run.model):
+        raise ConfigError(f"{run.path} is already quantized; quantize the full-precision run")
+    out = check_run_target(out, overwrite)
+    if out == run.path.resolve():
+        raise ConfigError("the quantized run must go to another folder than the run it is made from")
+    model = quantize_model(run.model, method, group_size)
+    with ckpt.replacing_folder(out) as tmp:
+        ckpt.write_model_config(tmp, run.family, config_dict(model.config),
+                                quantization={"method": method, "group_size": group_size})
+        ckpt.save_weights(tmp / ckpt.WEIGHTS, model, metadata={"quantized_from": str(run.path), "method": method})
+        for f in sorted(run.path.iterdir()):
+            if f.name in (ckpt.TOKENIZER, ckpt.TRAIN_CONFIG) or (f.name.startswith("hf_") and f.suffix == ".json"):
+                shutil.copyfile(f, tmp / f.name)
+    return out
 
 
 def _as_run(run: Run | str | Path) -> Run:

@@ -323,7 +323,10 @@ def cmd_import(a) -> int:
     print(f"imported {a.src} as a genlab {run.family} run: {out}")
     print(f"{api.num_params(run.model):,} parameters, {c.n_layer} layers, context {c.block_size} tokens, "
           f"vocabulary {c.vocab_size:,}")
-    print(f"try: genlab generate {out} --prompt \"Once upon a time\"")
+    if run.chat_template() is not None:
+        print(f"it has a chat template; try: genlab chat {out}")
+    else:
+        print(f"try: genlab generate {out} --prompt \"Once upon a time\"")
     return 0
 
 
@@ -332,6 +335,17 @@ def cmd_export(a) -> int:
     from .adapt.hf import export_hf
 
     run = api.load(a.run)
+    if a.format == "gguf":
+        from .adapt.gguf import export_gguf
+
+        out = export_gguf(run, a.out, overwrite=a.overwrite, dtype=a.dtype)
+        print(f"exported {a.run} as a GGUF file ({a.dtype}, llama architecture, tokenizer"
+              f"{' and chat template' if run.chat_template() is not None else ''} in its metadata): {out}")
+        print(f"use it with llama.cpp (llama-cli -m {out}), llama-cpp-python (Llama(model_path=...)), or "
+              f"transformers (AutoModelForCausalLM.from_pretrained(folder, gguf_file={out.name!r}))")
+        return 0
+    if a.dtype != "f32":
+        raise ConfigError("--dtype goes with --format gguf (a Hugging Face export keeps the run's fp32 weights)")
     out = export_hf(run, a.out, overwrite=a.overwrite)
     ctx, eos = run.model.config.block_size, run.eos_id()
     arch = "GPT-2 folder (GPT2LMHeadModel" if run.family == "gpt" else "Llama folder (LlamaForCausalLM"
@@ -348,6 +362,19 @@ def cmd_export(a) -> int:
         print(f"end of text: {name} (id {eos})" + (
             "; the chat template came along (tokenizer.apply_chat_template, or the pipeline with a message list)"
             if run.chat_template() is not None else ", also the pad token"))
+    return 0
+
+
+def cmd_quantize(a) -> int:
+    from . import api
+
+    out = api.quantize(a.run, a.out, method=a.method, group_size=a.group_size, overwrite=a.overwrite)
+    before = (Path(a.run) / "model.safetensors").stat().st_size
+    after = (out / "model.safetensors").stat().st_size
+    group = f" (groups of {a.group_size or 32})" if a.method == "int4" else ""
+    print(f"quantized {a.run} to {a.method}{group}: {out}")
+    print(f"weights: {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB ({before / after:.1f}x smaller)")
+    print(f"use it like any run: genlab generate {out} ... (it is for inference: training refuses it)")
     return 0
 
 
@@ -488,13 +515,29 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="export a run to another library's format", formatter_class=fmt,
                        description="Export a gpt or llama run as a Hugging Face GPT-2 or Llama folder that transformers' AutoTokenizer, "
-                                   "AutoModelForCausalLM and pipeline('text-generation') load as they are.")
+                                   "AutoModelForCausalLM and pipeline('text-generation') load as they are, or a "
+                                   "llama run as a GGUF file for llama.cpp.")
     x.add_argument("run", help="run folder")
-    x.add_argument("out", help="output folder")
-    x.add_argument("--format", choices=["hf"], default="hf", help="target format")
+    x.add_argument("out", help="output folder (hf) or file (gguf, e.g. model.gguf)")
+    x.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: a transformers folder; gguf: one file for llama.cpp (llama runs)")
+    x.add_argument("--dtype", choices=["f32", "f16"], default="f32", help="gguf: the weights' type")
     x.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in `out` (a folder holding other files is always refused)")
     x.set_defaults(fn=cmd_export)
+
+    q = sub.add_parser("quantize", help="write an int8 or int4 copy of a gpt or llama run", formatter_class=fmt,
+                       description="Weight-only quantization of every Linear layer: int8 with one scale per output "
+                                   "row, or int4 with a scale and offset per group of inputs. The copy is a run "
+                                   "folder that generate, chat, eval and export load like any other; it is for "
+                                   "inference only.")
+    q.add_argument("run", help="run folder of a gpt or llama run")
+    q.add_argument("out", help="folder for the quantized run")
+    q.add_argument("--method", choices=["int8", "int4"], default="int8", help="weight type")
+    q.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="int4: inputs per scale/offset group, 32, 64, 128 or 256 (default: 32)")
+    q.add_argument("--overwrite", action="store_true", help="replace an earlier run in `out`")
+    q.set_defaults(fn=cmd_quantize)
 
     m = sub.add_parser("import", help="import a pretrained model as a run", formatter_class=fmt,
                        description="Import a pretrained language model as a genlab run folder that genlab.load, "

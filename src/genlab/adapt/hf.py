@@ -25,6 +25,7 @@ from ..core.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     read_json,
+    replacing_folder,
     save_weights,
     write_model_config,
 )
@@ -162,6 +163,9 @@ def export_hf(run, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     cfg = run.model.config
     if cfg.family not in ("gpt", "llama"):
         raise ConfigError(f"only 'gpt' and 'llama' runs export to Hugging Face; this run is {cfg.family!r}")
+    if any(getattr(m, "quantized", False) for m in run.model.modules()):
+        raise ConfigError(f"{run.path} is a quantized run (genlab's int8/int4 layout): export the full-precision run "
+                          "it was made from")
     if cfg.family == "gpt" and not cfg.bias:
         raise GenlabError("GPT-2 has biases everywhere; a model trained with model.bias=false cannot export")
     if run.tokenizer is None:
@@ -348,23 +352,10 @@ def write_run(family: str, cfg_d: dict, sd: dict, tok_json: str, extras: dict, r
         raise CheckpointError(f"{source}: the tokenizer has {tok.vocab_size} tokens but the model only "
                               f"{cfg.vocab_size}")
     out = check_run_target(run_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
+    with replacing_folder(out) as tmp:  # an earlier run (checked above) is swapped out whole
         write_model_config(tmp, family, config_dict(cfg))
         save_weights(tmp / "model.safetensors", model, metadata={"imported_from": source})
         atomic_write_text(tmp / "tokenizer.json", tok_json)
         for name, obj in extras.items():
             atomic_write_json(tmp / f"hf_{name}", obj)
-        if out.exists():  # an earlier run (checked above): swap it out whole, then remove it
-            old = tmp.with_suffix(".old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

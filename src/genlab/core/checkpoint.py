@@ -10,7 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -128,13 +132,16 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def write_model_config(run_dir: str | Path, family: str, model_cfg: dict[str, Any],
-                       class_names: list[str] | None = None) -> None:
-    """config.json; `class_names` (an image run's class names, in label order) where the data has them."""
+                       class_names: list[str] | None = None, quantization: dict[str, Any] | None = None) -> None:
+    """config.json; `class_names` (an image run's class names, in label order) where the data has them;
+    `quantization` (method, group size) for a quantized run."""
     from .. import __version__
 
     d = {"family": family, "format_version": FORMAT_VERSION, "genlab_version": __version__, "model": model_cfg}
     if class_names:
         d["class_names"] = list(class_names)
+    if quantization:
+        d["quantization"] = quantization
     atomic_write_json(Path(run_dir) / CONFIG, d)
 
 
@@ -150,3 +157,25 @@ def read_model_config(run_dir: str | Path) -> dict[str, Any]:
             f"{run_dir} was written by a newer genlab (format {cfg['format_version']}); upgrade genlab"
         )
     return cfg
+
+
+@contextmanager
+def replacing_folder(out: str | Path) -> Iterator[Path]:
+    """Yield a new temporary folder beside `out`; when the block ends without error it takes `out`'s place whole
+    (an existing `out` is swapped out first, then removed), so a crash never leaves half a folder or none."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = tmp.with_suffix(".old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

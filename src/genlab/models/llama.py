@@ -189,7 +189,7 @@ class Llama(NextTokenLM, nn.Module):
     # -- the incremental-decode protocol used by sampling/text.py --
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype = self.model.norm.weight.dtype  # the activations' type (an int8 embedding gives floats)
         cache = KVCache(c.n_layer, batch, c.n_kv_head, min(max_len, c.block_size), c.n_embd // c.n_head, dtype)
         cache.plan = self._decode_plan()
         return cache
@@ -217,12 +217,14 @@ class Llama(NextTokenLM, nn.Module):
             if any(f is None for f in fns):
                 return None
             layers.append((block.input_layernorm.weight, block.post_attention_layernorm.weight, *fns))
-        head = proj(self.lm_head)
-        if head is None or type(self.model.norm) is not RMSNorm or type(self.model.embed_tokens) is not nn.Embedding:
+        head, e = proj(self.lm_head), self.model.embed_tokens
+        emb = functools.partial(F.embedding, weight=e.weight) if type(e) is nn.Embedding else \
+            e.forward if getattr(e, "quantized", False) else None  # an int8 embedding tied to a quantized head
+        if head is None or emb is None or type(self.model.norm) is not RMSNorm or e._forward_hooks:
             return None
         c = self.config
         cos, sin = rope_tables(c.n_embd // c.n_head, c.block_size, float(c.rope_theta))
-        return self.model.embed_tokens.weight, tuple(layers), self.model.norm.weight, head, cos, sin
+        return emb, tuple(layers), self.model.norm.weight, head, cos, sin
 
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append ids (B, T) to the cache -> next-token logits (B, V) at the last position.
@@ -247,7 +249,7 @@ class Llama(NextTokenLM, nn.Module):
         def norm(t, w):
             return F.rms_norm(t.float(), shape, w.float(), eps).to(t.dtype)
 
-        x = F.embedding(ids.reshape(-1), emb)  # (B, C)
+        x = emb(ids.reshape(-1))  # (B, C)
         for i, (w_in, w_post, q_proj, k_proj, v_proj, o_proj, gate, up, down) in enumerate(layers):
             h = norm(x, w_in)
             q = rope(q_proj(h).view(B, Hkv, H // Hkv, D))  # (B, Hkv, G, D): a group's query heads together

@@ -172,6 +172,9 @@ def fit(
 ) -> FitResult:
     """Train `model` on `data` (a BatchSource) under `cfg`. With `run_dir`, checkpoints go there."""
     run_dir = Path(run_dir) if run_dir is not None else None
+    if any(getattr(m, "quantized", False) for m in model.modules()):
+        raise ConfigError("this model has quantized weights (int8/int4): they are for inference and cannot be "
+                          "trained; train or fine-tune the full-precision run, then quantize it")
     cfg = dataclasses.replace(cfg, precision=runtime.resolve_precision(cfg.precision))
     if resume and run_dir is None:
         raise ConfigError("resume needs a run folder")
