@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .core import checkpoint as ckpt
 from .core import runtime
@@ -671,7 +672,8 @@ def evaluate(
     evaluation never replaces a full one); `res["file"]` names it."""
     run = _as_run(run)
     if run.train_config is None:
-        raise CheckpointError(f"{run.path} lacks train_config.json; cannot find its held-out data")
+        raise CheckpointError(f"{run.path} lacks train_config.json, so it has no held-out split of its own (an "
+                              "imported model?); measure it on a text instead: genlab eval RUN --text FILE")
     for key, v in (("max_tokens", max_tokens), ("max_images", max_images)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise ConfigError(f"{key}={v!r} must be an integer >= 1, or 0 / None for the whole held-out split")
@@ -681,6 +683,48 @@ def evaluate(
     res["file"] = str(path)
     ckpt.atomic_write_json(path, res)
     return res
+
+
+@torch.no_grad()
+def perplexity(run: Run | str | Path, text: str, *, window: int | None = None, stride: int | None = None,
+               max_tokens: int | None = None) -> dict[str, Any]:
+    """Perplexity of a language model on any `text`, e.g. text it was not trained on. Windows of `window` tokens
+    (default: the context, at most 1024) move by `stride` (default: half a window); each token is scored once,
+    with at least window - stride tokens before it once the first window is past: the sliding-window method of
+    transformers' perplexity guide, so the two agree on the same model. The text's first token is not scored."""
+    run = _as_run(run)
+    if run.tokenizer is None or run.modality != "text":
+        raise ConfigError(f"{run.path} is not a language-model run")
+    ctx = run.model.context_size or 1024
+    window = min(ctx, 1024) if window is None else window
+    stride = max(window // 2, 1) if stride is None else stride
+    if not 2 <= window <= ctx:
+        raise ConfigError(f"window={window} must be in [2, {ctx}] (the model's context)")
+    if not 1 <= stride <= window - 1:
+        raise ConfigError(f"stride={stride} must be in [1, window - 1 = {window - 1}]")
+    ids = run.tokenizer.encode(text, add_special_tokens=False) if run.tokenizer.kind == "bpe" \
+        else run.tokenizer.encode(text)
+    if max_tokens:
+        ids = ids[: max_tokens + 1]
+    if len(ids) < 2:
+        raise ConfigError("the text is too short: it needs at least 2 tokens")
+    x = torch.tensor(ids)
+    nll, n, start = 0.0, 0, 0
+    while True:
+        end = min(start + window, len(ids))
+        logits = run.model(x[start:end][None])[0, :-1].float()
+        targets = x[start + 1 : end]
+        first = 0 if start == 0 else window - stride - 1  # tokens already scored by the window before
+        losses = F.cross_entropy(logits[first:], targets[first:], reduction="none")
+        nll += float(losses.double().sum())
+        n += losses.numel()
+        if end == len(ids):
+            break
+        start += stride
+    loss = nll / n
+    return {"run": str(run.path), "tokens": n, "window": window, "stride": stride, "loss_nats_per_token": loss,
+            "perplexity": math.exp(loss), "bits_per_token": loss / math.log(2),
+            "bits_per_char": nll / math.log(2) / max(len(text), 1)}
 
 
 def _evaluate_text(run: Run, max_tokens: int | None) -> dict[str, Any]:

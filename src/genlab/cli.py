@@ -280,6 +280,22 @@ def cmd_inpaint(a) -> int:
 def cmd_eval(a) -> int:
     from . import api
 
+    if a.text is not None:  # perplexity on a text of the user's (e.g. one the model never saw)
+        text = sys.stdin.read() if a.text == "-" else Path(a.text).read_text(encoding="utf-8") \
+            if Path(a.text).is_file() else None
+        if text is None:
+            raise ConfigError(f"--text {a.text}: no such file (give a text file, or - for stdin)")
+        res = api.perplexity(a.run, text, window=a.window, max_tokens=a.max_tokens)
+        if a.json:
+            print(json.dumps(res, indent=2))
+            return 0
+        for k, v in (("run", res["run"]), ("text", a.text), ("tokens scored", f"{res['tokens']:,}"),
+                     ("window / stride", f"{res['window']} / {res['stride']} tokens"),
+                     ("loss", f"{res['loss_nats_per_token']:.4f} nats/token"),
+                     ("perplexity", f"{res['perplexity']:.4f} (per token)"),
+                     ("bits/token", f"{res['bits_per_token']:.4f}"), ("bits/char", f"{res['bits_per_char']:.4f}")):
+            print(f"{k:22s} {v}")
+        return 0
     res = api.evaluate(a.run, max_tokens=a.max_tokens, max_images=a.max_images, iwae_k=a.iwae_k)
     if a.json:
         print(json.dumps(res, indent=2))
@@ -510,6 +526,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-images", type=int, default=None,
                    help="evaluate on this many held-out images (0 or unset: all); partial results as for --max-tokens")
     e.add_argument("--iwae-k", type=int, default=16, help="VAE: importance samples of the IWAE bound (1 = the ELBO)")
+    e.add_argument("--text", default=None, metavar="FILE",
+                   help="language models: perplexity on this text file (- = stdin) instead of the held-out split, "
+                        "e.g. for an imported model; sliding windows, nothing is written")
+    e.add_argument("--window", type=int, default=None, metavar="N",
+                   help="with --text: tokens per window (default: the context, at most 1024; stride: half of it)")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(fn=cmd_eval)
 

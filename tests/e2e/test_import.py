@@ -126,3 +126,48 @@ def test_bad_folders_get_one_clear_line(hf_folder, tmp_path):
         assert p.returncode == 2, (name, p.stderr)
         assert says in p.stderr and len(p.stderr.strip().splitlines()) == 1, (name, p.stderr)
         assert not (tmp_path / f"run_{name}").exists()
+
+
+def hf_perplexity(model, ids: list[int], window: int, stride: int) -> float:
+    """transformers' perplexity guide (sliding windows, labels -100 on tokens already scored), token-weighted."""
+    x = torch.tensor([ids])
+    nll, n, prev_end = 0.0, 0, 0
+    for begin in range(0, x.size(1), stride):
+        end = min(begin + window, x.size(1))
+        trg = end - prev_end
+        inp = x[:, begin:end]
+        labels = inp.clone()
+        labels[:, :-trg] = -100
+        with torch.no_grad():
+            out = model(inp, labels=labels)
+        k = (labels[:, 1:] != -100).sum().item()
+        nll += out.loss.item() * k
+        n += k
+        prev_end = end
+        if end == x.size(1):
+            break
+    return float(torch.tensor(nll / n).exp())
+
+
+def test_perplexity_on_a_text_equals_transformers_sliding_windows(hf_folder, tmp_path):
+    from genlab import api
+
+    _kind, src, hf = hf_folder
+    run_cli("import", src, tmp_path / "run", check=True)
+    run = api.load(tmp_path / "run")
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 4
+    ids = run.tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > 100
+    for window, stride in ((64, 32), (40, 7), (64, 63)):
+        res = api.perplexity(run, text, window=window, stride=stride)
+        assert res["tokens"] == len(ids) - 1
+        assert res["perplexity"] == pytest.approx(hf_perplexity(hf, ids, window, stride), rel=1e-5)
+    (tmp_path / "t.txt").write_text(text)
+    p = run_cli("eval", tmp_path / "run", "--text", tmp_path / "t.txt", "--window", "64", "--json", check=True)
+    assert json.loads(p.stdout)["perplexity"] == pytest.approx(api.perplexity(run, text, window=64)["perplexity"])
+    from genlab.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="window=65 must be in"):
+        api.perplexity(run, text, window=65)
+    with pytest.raises(ConfigError, match="too short"):
+        api.perplexity(run, "")
