@@ -7,6 +7,7 @@ weights map one-to-one onto `transformers.GPT2LMHeadModel` (see adapt/hf.py).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -137,29 +138,36 @@ class GPT(NextTokenLM, nn.Module):
 
     def _decode_plan(self) -> tuple | None:
         """The weights the one-token decode step reads, gathered once per cache (so once per generation, not
-        per token: a module attribute lookup costs about as much as a small op). None (use the modules) when
-        a layer was swapped for another type or carries hooks, e.g. an adapter."""
-        kinds = {"ln_1": nn.LayerNorm, "attn": CausalSelfAttention, "attn.c_attn": nn.Linear,
-                 "attn.c_proj": nn.Linear, "ln_2": nn.LayerNorm, "mlp": MLP, "mlp.c_fc": nn.Linear,
-                 "mlp.c_proj": nn.Linear}
+        per token: a module attribute lookup costs about as much as a small op), each projection as a callable
+        (F.linear on its weights, or a quantized layer's own forward). None (use the modules) when a layer was
+        swapped for another type or carries hooks, e.g. an adapter."""
+        def proj(m):
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+            if type(m) is nn.Linear:
+                return functools.partial(F.linear, weight=m.weight, bias=m.bias)
+            return m.forward if getattr(m, "decode_ready", False) else None  # e.g. adapt/quantize.py's layers
+
+        kinds = {"ln_1": nn.LayerNorm, "attn": CausalSelfAttention, "ln_2": nn.LayerNorm, "mlp": MLP}
         layers = []
         for block in self.transformer.h:
-            if type(block) is not Block:
+            if type(block) is not Block or any(type(block.get_submodule(n)) is not k or
+                                               block.get_submodule(n)._forward_hooks for n, k in kinds.items()):
                 return None
-            m = {name: block.get_submodule(name) for name in kinds}
-            if any(type(m[n]) is not k or m[n]._forward_hooks or m[n]._forward_pre_hooks
-                   for n, k in kinds.items()):
+            fns = [proj(block.get_submodule(n)) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+            if any(f is None for f in fns):
                 return None
-            ln_1, c_attn, a_proj, ln_2, c_fc, m_proj = (m[n] for n in kinds if n not in ("attn", "mlp"))
-            layers.append((ln_1.weight, ln_1.bias, ln_1.eps, c_attn.weight, c_attn.bias, a_proj.weight,
-                           a_proj.bias, ln_2.weight, ln_2.bias, ln_2.eps, c_fc.weight, c_fc.bias,
-                           m_proj.weight, m_proj.bias))
+            ln_1, ln_2 = block.ln_1, block.ln_2
+            layers.append((ln_1.weight, ln_1.bias, ln_1.eps, fns[0], fns[1], ln_2.weight, ln_2.bias, ln_2.eps,
+                           fns[2], fns[3]))
         t = self.transformer
-        if type(t.ln_f) is not nn.LayerNorm or type(self.lm_head) is not nn.Linear:
+        head, e = proj(self.lm_head), t.wte
+        wte = functools.partial(F.embedding, weight=e.weight) if type(e) is nn.Embedding else \
+            e.forward if getattr(e, "quantized", False) else None  # an int8 embedding tied to a quantized head
+        if type(t.ln_f) is not nn.LayerNorm or head is None or wte is None or e._forward_hooks:
             return None
-        return (t.wte.weight, t.wpe.weight, tuple(layers), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps,
-                self.lm_head.weight, self.lm_head.bias, self.config.n_head, (self.config.n_embd,),
-                GELU[self.config.activation])
+        return (wte, t.wpe.weight, tuple(layers), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps, head,
+                self.config.n_head, (self.config.n_embd,), GELU[self.config.activation])
 
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append ids (B, T) to the cache -> next-token logits (B, V) at the last position.
@@ -170,14 +178,14 @@ class GPT(NextTokenLM, nn.Module):
         plan = cache.plan
         if ids.size(1) != 1 or plan is None or self.training:
             return self(ids, cache)[:, -1, :]
-        wte, wpe, layers, lnf_w, lnf_b, lnf_eps, head_w, head_b, n_head, shape, approx = plan
+        wte, wpe, layers, lnf_w, lnf_b, lnf_eps, head, n_head, shape, approx = plan
         p = cache.pos
         if p >= wpe.size(0):
             raise ValueError(f"sequence of {p + 1} tokens exceeds the context of {wpe.size(0)}")
-        x = F.embedding(ids.reshape(-1), wte) + wpe[p]  # (B, C)
-        for i, (w1, b1, e1, wa, ba, wp, bp, w2, b2, e2, wf, bf, wm, bm) in enumerate(layers):
-            y = decode_attention(F.linear(F.layer_norm(x, shape, w1, b1, e1), wa, ba), cache, i, n_head)
-            x = x + F.linear(y, wp, bp)
-            x = x + F.linear(F.gelu(F.linear(F.layer_norm(x, shape, w2, b2, e2), wf, bf), approximate=approx), wm, bm)
+        x = wte(ids.reshape(-1)) + wpe[p]  # (B, C)
+        for i, (w1, b1, e1, c_attn, a_proj, w2, b2, e2, c_fc, m_proj) in enumerate(layers):
+            y = decode_attention(c_attn(F.layer_norm(x, shape, w1, b1, e1)), cache, i, n_head)
+            x = x + a_proj(y)
+            x = x + m_proj(F.gelu(c_fc(F.layer_norm(x, shape, w2, b2, e2)), approximate=approx))
         cache.pos = p + 1
-        return F.linear(F.layer_norm(x, shape, lnf_w, lnf_b, lnf_eps), head_w, head_b)  # (B, V)
+        return head(F.layer_norm(x, shape, lnf_w, lnf_b, lnf_eps))  # (B, V)
