@@ -11,6 +11,7 @@ from genlab.adapt.quantize import (
     int4_dequantize,
     int4_quantize,
     int8_quantize,
+    kernels,
     pack_nibbles,
     quantize_model,
     unpack_nibbles,
@@ -82,3 +83,23 @@ def test_bad_requests_are_refused():
         quantize_model(tiny("llama"), "int4", 48)
     with pytest.raises(ConfigError, match="goes with int4"):
         quantize_model(tiny("llama"), "int8", 32)
+
+
+@pytest.mark.parametrize("M", [1, 2, 7, 8, 16])
+def test_genlabs_kernels_give_pytorchs_numbers(M):
+    """The AVX2 kernels against PyTorch's own int8 and int4 CPU kernels on the same quantized weights."""
+    k = kernels()
+    if k is None:
+        pytest.skip("the kernels cannot be built here (no AVX2 or no C++ compiler): layers use dequantized weights")
+    torch.manual_seed(M)
+    w, x = torch.randn(203, 256), torch.randn(M, 256)  # 203 rows: a tail of 3 after the blocks of 4
+    q, s = int8_quantize(w)
+    assert torch.allclose(k.int8_mm(x, q, s), torch._weight_int8pack_mm(x, q, s), atol=1e-4, rtol=1e-5)
+    w = w[:192]  # PyTorch's int4 packing wants rows in multiples of 16
+    for group in (32, 128):
+        q4, s4, z4 = int4_quantize(w, group)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.to(torch.int32), 2)
+        sz = torch.stack((s4, z4), dim=-1).transpose(0, 1).contiguous()
+        want = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+        got = k.int4_mm(x, pack_nibbles(q4), s4, z4, group)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-5)

@@ -1,11 +1,16 @@
 """Weight-only quantization of a language model's Linear layers: int8 per output channel, int4 in groups.
 
 - int8: w ~ q * s, q in [-127, 127], one scale per output row (absmax; LLM.int8's vector-wise scaling without
-  the outliers, Dettmers et al. 2022, eq. 1-2). Run by PyTorch's own `_weight_int8pack_mm` CPU kernel.
+  the outliers, Dettmers et al. 2022, eq. 1-2).
 - int4: w ~ (q - 8) * s + z, q in [0, 15], one scale and offset per group of `group_size` inputs of a row
-  (asymmetric min-max, as GPTQ/AWQ checkpoints and llama.cpp's Q4_1 store it). Run by PyTorch's own
-  `_weight_int4pack_mm_for_cpu` kernel; the files keep a portable layout (two values per byte, low nibble first)
-  that is packed for the kernel at load time.
+  (asymmetric min-max, as GPTQ/AWQ checkpoints and llama.cpp's Q4_1 store it), two values per byte.
+Decoding reads every weight for one token per sequence, so its speed is the bytes read. PyTorch's own CPU kernels
+for these layouts (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) and its dynamic int8 (fbgemm) were
+measured on this project's CPUs: the first two are 5-20x slower than fp32 at batch 1 and 8, the third is fast
+but quantizing the activations to 8 bits triples SmolLM2's perplexity (benchmarks/quant_routes.py). So a small
+AVX2 kernel (qkernels.cpp: widen 8 weights to floats, FMA into the rows of x) does batch <= 16; it is built once
+with PyTorch's extension builder and tested against PyTorch's kernels. Without a compiler or AVX2, and for longer
+inputs (a prompt), the layer multiplies by its dequantized weight: the same numbers, at fp32 speed.
 Activations stay in floating point. The token embedding tied to the output layer is quantized with it (the rows
 of the int8 matrix are the token vectors), so the file shrinks by the embedding too; under int4 the tied
 embedding/output matrix stays int8, as llama.cpp's 4-bit files keep their output layer at higher precision.
@@ -15,11 +20,19 @@ A quantized run is for inference: config.json records the method and training re
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import sysconfig
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -71,8 +84,35 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((p & 15, p >> 4), dim=-1).reshape(p.size(0), -1)
 
 
-def _has_op(name: str) -> bool:
-    return hasattr(torch.ops.aten, name)
+_KERNELS: list = []  # [module or None], built on first use
+
+
+def kernels():
+    """The compiled AVX2 kernels (qkernels.cpp), built once per machine (~45 s) into PyTorch's extension cache;
+    None where they cannot be built (no AVX2, no C++ compiler): the layers then use their dequantized weights."""
+    if _KERNELS:
+        return _KERNELS[0]
+    mod = None
+    if os.environ.get("GENLAB_QKERNELS", "1") != "0" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        try:
+            from torch.utils.cpp_extension import load
+
+            scripts = sysconfig.get_paths()["scripts"]  # a `ninja` installed into this environment
+            if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+                os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+            src = Path(__file__).with_name("qkernels.cpp")
+            tag = hashlib.sha256(src.read_bytes()).hexdigest()[:10]
+            log.info("loading genlab's int8/int4 CPU kernels (built once per machine, ~45 s)")
+            mod = load(name=f"genlab_qkernels_{tag}", sources=[str(src)], extra_cflags=["-O3", "-mavx2", "-mfma"],
+                       verbose=False)
+        except Exception as e:  # noqa: BLE001 -- any build failure: fall back, say why once
+            log.warning("genlab's int8/int4 kernels could not be built (%s); quantized layers use dequantized "
+                        "weights (same numbers, fp32 speed)", str(e).splitlines()[0][:200] if str(e) else type(e))
+    _KERNELS.append(mod)
+    return mod
+
+
+KERNEL_MAX_ROWS = 16  # up to this many rows of x (tokens in a step) the kernel reads the weights once for all
 
 
 class QuantLinear(nn.Module):
@@ -97,7 +137,6 @@ class QuantLinear(nn.Module):
             self.register_buffer("scales", torch.ones(out_features, n))
             self.register_buffer("offsets", torch.zeros(out_features, n))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._packed = None  # the int4 kernel's own layout, made on first use
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, method: str, group_size: int | None = None) -> QuantLinear:
@@ -116,10 +155,6 @@ class QuantLinear(nn.Module):
                 m.offsets.copy_(z)
         return m
 
-    def _load_from_state_dict(self, *args, **kw):
-        self._packed = None
-        super()._load_from_state_dict(*args, **kw)
-
     def dequantize(self) -> torch.Tensor:
         if self.method == "int8":
             return self.qweight.float() * self.scales[:, None]
@@ -128,21 +163,13 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x.device.type == "cpu" and x.dtype == torch.float32:
-            if self.method == "int8" and _has_op("_weight_int8pack_mm"):
-                y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
-                y = y if self.bias is None else y + self.bias
-                return y.reshape(*shape[:-1], self.out_features)
-            if self.method == "int4" and _has_op("_weight_int4pack_mm_for_cpu"):
-                if self._packed is None:
-                    q = unpack_nibbles(self.qweight).to(torch.int32)
-                    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
-                    sz = torch.stack((self.scales, self.offsets), dim=-1).transpose(0, 1).contiguous()
-                    self._packed = (packed, sz)
-                packed, sz = self._packed
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, sz)
-                y = y if self.bias is None else y + self.bias
-                return y.reshape(*shape[:-1], self.out_features)
+        fits = x2.size(0) <= KERNEL_MAX_ROWS and self.in_features % 8 == 0 and x.dtype == torch.float32
+        k = kernels() if fits and x.device.type == "cpu" else None
+        if k is not None:
+            y = k.int8_mm(x2, self.qweight, self.scales) if self.method == "int8" else \
+                k.int4_mm(x2, self.qweight, self.scales, self.offsets, self.group_size)
+            y = y if self.bias is None else y + self.bias
+            return y.reshape(*shape[:-1], self.out_features)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize().to(x.dtype), b)
 
