@@ -97,7 +97,7 @@ def kernels():
         try:
             from torch.utils.cpp_extension import load
 
-            scripts = sysconfig.get_paths()["scripts"]  # a `ninja` installed into this environment
+            scripts = sysconfig.get_paths()["scripts"]  # the `ninja` of this environment (a dependency)
             if scripts not in os.environ.get("PATH", "").split(os.pathsep):
                 os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
             src = Path(__file__).with_name("qkernels.cpp")
