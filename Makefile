@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/lm_train.py
 	$(BIN)/python benchmarks/lm_generate.py
 	$(BIN)/python benchmarks/lm_quality.py
+	$(BIN)/python benchmarks/lm_pretrained.py
 	$(BIN)/python benchmarks/diffusion.py
 
 lint: $(STAMP)
