@@ -91,3 +91,16 @@ def test_trains_through_fit(tmp_path):
     assert losses[0] > losses[-1] + 0.3, losses
     text = api.generate(run, "ROMEO:", max_new_tokens=10, seed=1)
     assert text == api.generate(run, "ROMEO:", max_new_tokens=10, seed=1)
+
+
+def test_a_bf16_model_decodes_as_it_forwards():
+    _, m = pair(tie=True)
+    m.to(torch.bfloat16)
+    x = torch.randint(0, 50, (2, 30))
+    with torch.no_grad():
+        full = m(x).float()
+        cache = m.new_cache(2, 30)
+        assert cache.plan is not None and cache.kv.dtype == torch.bfloat16
+        steps = [m.decode(x[:, :20], cache)] + [m.decode(x[:, t : t + 1], cache) for t in range(20, 30)]
+    for i, logits in zip(range(19, 30), steps, strict=True):
+        assert torch.allclose(logits.float(), full[:, i], atol=0.05)

@@ -243,8 +243,8 @@ class Llama(NextTokenLM, nn.Module):
         H, Hkv, D, shape, eps = c.n_head, c.n_kv_head, c.n_embd // c.n_head, (c.n_embd,), c.rms_norm_eps
         cos, sin, half = cos[p], sin[p], D // 2
 
-        def rope(t):  # (..., D) at position p: t cos + rotate_half(t) sin
-            return t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin
+        def rope(t):  # (..., D) at position p: t cos + rotate_half(t) sin, in t's dtype (the cache's)
+            return (t * cos + torch.cat((-t[..., half:], t[..., :half]), dim=-1) * sin).to(t.dtype)
 
         def norm(t, w):
             return F.rms_norm(t.float(), shape, w.float(), eps).to(t.dtype)
