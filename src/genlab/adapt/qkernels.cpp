@@ -2,7 +2,7 @@
 // At M = 1..8 (one new token per sequence) these products read the whole weight for a few rows of x: the
 // time is the bytes read, so int8 (1 byte per weight) and int4 (half a byte) beat fp32 (4 bytes) by what they
 // save. Each 8-wide block of a weight row is loaded once, widened to floats, and used for all M rows of x.
-// AVX2 + FMA; rows of W are shared out between threads with at::parallel_for.
+// AVX2 + FMA; rows of W are shared out between threads with at::parallel_for (built with -fopenmp).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

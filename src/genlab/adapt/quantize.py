@@ -103,8 +103,8 @@ def kernels():
             src = Path(__file__).with_name("qkernels.cpp")
             tag = hashlib.sha256(src.read_bytes()).hexdigest()[:10]
             log.info("loading genlab's int8/int4 CPU kernels (built once per machine, ~45 s)")
-            mod = load(name=f"genlab_qkernels_{tag}", sources=[str(src)], extra_cflags=["-O3", "-mavx2", "-mfma"],
-                       verbose=False)
+            mod = load(name=f"genlab_qkernels_{tag}", sources=[str(src)], verbose=False,  # OpenMP: at::parallel_for
+                       extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as e:  # noqa: BLE001 -- any build failure: fall back, say why once
             log.warning("genlab's int8/int4 kernels could not be built (%s); quantized layers use dequantized "
                         "weights (same numbers, fp32 speed)", str(e).splitlines()[0][:200] if str(e) else type(e))
