@@ -6,10 +6,10 @@
   (asymmetric min-max, as GPTQ/AWQ checkpoints and llama.cpp's Q4_1 store it), two values per byte.
 Decoding reads every weight for one token per sequence, so its speed is the bytes read. PyTorch's own CPU kernels
 for these layouts (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) and its dynamic int8 (fbgemm) were
-measured on this project's CPUs: the first two are 2.4-12x slower than fp32 at batch 1, the third is fast
-but quantizing the activations to 8 bits triples SmolLM2's perplexity (benchmarks/quant_routes.py). So a small
-AVX2 kernel (qkernels.cpp: widen 8 weights to floats, FMA into the rows of x) does batch <= 16; it is built once
-with PyTorch's extension builder and tested against PyTorch's kernels. Without a compiler or AVX2, and for longer
+measured on this project's CPUs: the first two are 2.4-12x slower than fp32 at batch 1, the third is fast but
+its 8-bit activations cost SmolLM2 7% perplexity token by token and triple it over a prompt
+(benchmarks/quant_routes.py). So a small AVX2 kernel (qkernels.cpp: widen 8 weights to floats, FMA into the rows
+of x) does batch <= 16; it is built once with PyTorch's extension builder and tested against PyTorch's kernels. Without a compiler or AVX2, and for longer
 inputs (a prompt), the layer multiplies by its dequantized weight: the same numbers, at fp32 speed.
 Activations stay in floating point. The token embedding tied to the output layer is quantized with it (the rows
 of the int8 matrix are the token vectors), so the file shrinks by the embedding too; under int4 the tied
