@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +123,26 @@ def config_from_saved(family: str, d: dict[str, Any]):
 
 def replace(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
+
+
+def decode_linear(m: torch.nn.Module):
+    """A Linear layer as a callable for a decode fast path (F.linear on its weights, or a quantized layer's own
+    forward), or None when the layer carries hooks or is of a type the fast path does not know (an adapter)."""
+    if m._forward_hooks or m._forward_pre_hooks:
+        return None
+    if type(m) is torch.nn.Linear:
+        return functools.partial(F.linear, weight=m.weight, bias=m.bias)
+    return m.forward if getattr(m, "decode_ready", False) else None  # e.g. adapt/quantize.py's layers
+
+
+def decode_embedding(e: torch.nn.Module):
+    """A token embedding as a callable (or None, as for `decode_linear`); a quantized one reads the int8 rows of
+    the output layer it is tied to."""
+    if e._forward_hooks or e._forward_pre_hooks:
+        return None
+    if type(e) is torch.nn.Embedding:
+        return functools.partial(F.embedding, weight=e.weight)
+    return e.forward if getattr(e, "quantized", False) else None
 
 
 from . import diffusion, flow, gan, gpt, llama, ngram, pixelcnn, vae  # noqa: F401  (registration)

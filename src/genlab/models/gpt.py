@@ -7,7 +7,6 @@ weights map one-to-one onto `transformers.GPT2LMHeadModel` (see adapt/hf.py).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..nn.attention import CausalSelfAttention, KVCache, decode_attention
-from . import NextTokenLM, register_family
+from . import NextTokenLM, decode_embedding, decode_linear, register_family
 
 
 @dataclass(frozen=True)
@@ -141,30 +140,21 @@ class GPT(NextTokenLM, nn.Module):
         per token: a module attribute lookup costs about as much as a small op), each projection as a callable
         (F.linear on its weights, or a quantized layer's own forward). None (use the modules) when a layer was
         swapped for another type or carries hooks, e.g. an adapter."""
-        def proj(m):
-            if m._forward_hooks or m._forward_pre_hooks:
-                return None
-            if type(m) is nn.Linear:
-                return functools.partial(F.linear, weight=m.weight, bias=m.bias)
-            return m.forward if getattr(m, "decode_ready", False) else None  # e.g. adapt/quantize.py's layers
-
         kinds = {"ln_1": nn.LayerNorm, "attn": CausalSelfAttention, "ln_2": nn.LayerNorm, "mlp": MLP}
         layers = []
         for block in self.transformer.h:
             if type(block) is not Block or any(type(block.get_submodule(n)) is not k or
                                                block.get_submodule(n)._forward_hooks for n, k in kinds.items()):
                 return None
-            fns = [proj(block.get_submodule(n)) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+            fns = [decode_linear(block.get_submodule(n)) for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
             if any(f is None for f in fns):
                 return None
             ln_1, ln_2 = block.ln_1, block.ln_2
             layers.append((ln_1.weight, ln_1.bias, ln_1.eps, fns[0], fns[1], ln_2.weight, ln_2.bias, ln_2.eps,
                            fns[2], fns[3]))
         t = self.transformer
-        head, e = proj(self.lm_head), t.wte
-        wte = functools.partial(F.embedding, weight=e.weight) if type(e) is nn.Embedding else \
-            e.forward if getattr(e, "quantized", False) else None  # an int8 embedding tied to a quantized head
-        if type(t.ln_f) is not nn.LayerNorm or head is None or wte is None or e._forward_hooks:
+        head, wte = decode_linear(self.lm_head), decode_embedding(t.wte)
+        if type(t.ln_f) is not nn.LayerNorm or head is None or wte is None:
             return None
         return (wte, t.wpe.weight, tuple(layers), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps, head,
                 self.config.n_head, (self.config.n_embd,), GELU[self.config.activation])

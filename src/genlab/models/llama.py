@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..nn.attention import KVCache, attention, causal_mask
-from . import NextTokenLM, register_family
+from . import NextTokenLM, decode_embedding, decode_linear, register_family
 
 
 @dataclass(frozen=True)
@@ -198,13 +198,6 @@ class Llama(NextTokenLM, nn.Module):
         """What the one-token decode step reads, gathered once per cache: per layer the two norm weights and a
         callable per projection (F.linear on the weight, or a quantized layer's own forward). None (use the
         modules) when a layer was swapped for another type or carries hooks, e.g. an adapter."""
-        def proj(m):
-            if m._forward_hooks or m._forward_pre_hooks:
-                return None
-            if type(m) is nn.Linear and m.bias is None:
-                return functools.partial(F.linear, weight=m.weight)
-            return m.forward if getattr(m, "decode_ready", False) else None  # e.g. adapt/quantize.py's layers
-
         kinds = {"input_layernorm": RMSNorm, "self_attn": Attention, "post_attention_layernorm": RMSNorm, "mlp": MLP}
         names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                  "mlp.up_proj", "mlp.down_proj")
@@ -213,14 +206,12 @@ class Llama(NextTokenLM, nn.Module):
             if type(block) is not Block or any(type(block.get_submodule(n)) is not k or
                                                block.get_submodule(n)._forward_hooks for n, k in kinds.items()):
                 return None
-            fns = [proj(block.get_submodule(n)) for n in names]
+            fns = [decode_linear(block.get_submodule(n)) for n in names]
             if any(f is None for f in fns):
                 return None
             layers.append((block.input_layernorm.weight, block.post_attention_layernorm.weight, *fns))
-        head, e = proj(self.lm_head), self.model.embed_tokens
-        emb = functools.partial(F.embedding, weight=e.weight) if type(e) is nn.Embedding else \
-            e.forward if getattr(e, "quantized", False) else None  # an int8 embedding tied to a quantized head
-        if head is None or emb is None or type(self.model.norm) is not RMSNorm or e._forward_hooks:
+        head, emb = decode_linear(self.lm_head), decode_embedding(self.model.embed_tokens)
+        if head is None or emb is None or type(self.model.norm) is not RMSNorm:
             return None
         c = self.config
         cos, sin = rope_tables(c.n_embd // c.n_head, c.block_size, float(c.rope_theta))
