@@ -416,6 +416,17 @@ def _as_run(run: Run | str | Path) -> Run:
     return run if isinstance(run, Run) else load(run)
 
 
+def _text_controls(run: Run, n, controls: dict) -> dict:
+    """generate's and chat's controls checked for the run, None values dropped, `stop` as a tuple."""
+    _check_options(run, controls)
+    if not isinstance(n, int) or n < 1 or n > 10_000:
+        raise ConfigError(f"n={n!r} must be an integer in [1, 10000]")
+    controls = {k: v for k, v in controls.items() if v is not None}
+    if "stop" in controls:
+        controls["stop"] = (controls["stop"],) if isinstance(controls["stop"], str) else tuple(controls["stop"])
+    return controls
+
+
 def generate(
     run: Run | str | Path,
     prompt: str | list[str] = "",
@@ -432,13 +443,8 @@ def generate(
     run = _as_run(run)
     if run.tokenizer is None:
         raise CheckpointError(f"{run.path} has no tokenizer.json: it is not a language-model run")
-    _check_options(run, controls)
-    if not isinstance(n, int) or n < 1 or n > 10_000:
-        raise ConfigError(f"n={n!r} must be an integer in [1, 10000]")
-    if "stop" in controls and controls["stop"] is not None:
-        stop = controls["stop"]
-        controls["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-    cfg = SamplingConfig(**{k: v for k, v in controls.items() if v is not None})
+    controls = _text_controls(run, n, controls)
+    cfg = SamplingConfig(**controls)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     batch = [p for p in prompts for _ in range(n)]
     if generator is None and seed is not None:
@@ -472,12 +478,7 @@ def chat(
         raise ConfigError(f"{run.path} has no chat template: it is a plain language model that continues text "
                           f"({run.family}, trained on raw text), not an assistant. Use `genlab generate` with a "
                           "prompt, or chat with an instruct model: genlab import smollm2 runs/smollm2")
-    _check_options(run, controls)
-    if not isinstance(n, int) or n < 1 or n > 10_000:
-        raise ConfigError(f"n={n!r} must be an integer in [1, 10000]")
-    controls = {k: v for k, v in controls.items() if v is not None}
-    if "stop" in controls:
-        controls["stop"] = (controls["stop"],) if isinstance(controls["stop"], str) else tuple(controls["stop"])
+    controls = _text_controls(run, n, controls)
     cfg = SamplingConfig(**controls)  # checks the controls before any work
     ctx = run.model.context_size or 10**9
     if "max_new_tokens" in controls:
