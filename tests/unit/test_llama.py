@@ -9,6 +9,7 @@ import torch
 from genlab.core.errors import ConfigError
 from genlab.models import MODELS, build_config, build_model
 from genlab.models.llama import Llama, LlamaConfig, apply_rope, rope_tables
+from genlab.nn.kernels import kernels
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,16 +36,24 @@ def test_logits_equal_transformers(tie, n_kv_head):
 
 
 @pytest.mark.parametrize("n_kv_head", [1, 2, 4])
-@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "modules"])
-def test_cached_decode_equals_the_full_forward(n_kv_head, fast):
+@pytest.mark.parametrize("path", ["compiled", "python", "modules"])
+def test_cached_decode_equals_the_full_forward(n_kv_head, path):
+    """The three ways a decode step runs: the compiled layer kernel (nn/kernels.cpp), the Python fast path, and
+    the modules (when a hook, as an adapter or a probe adds, is on a layer)."""
     _, m = pair(tie=True, n_kv_head=n_kv_head)
-    if not fast:  # a hook (as an adapter or a probe adds) sends decoding through the modules
+    if path == "modules":
         m.model.layers[1].mlp.up_proj.register_forward_hook(lambda *a: None)
-    x = torch.randint(0, 50, (2, 40))
+    if path == "compiled" and kernels() is None:
+        pytest.skip("the CPU kernels cannot be built here")
+    x = torch.randint(0, 50, (3, 40))  # an odd batch: the kernels' one-row tiles after the two-row ones
     with torch.no_grad():
         full = m(x)
-        cache = m.new_cache(2, 40)
-        assert (cache.plan is not None) == fast
+        cache = m.new_cache(3, 40)
+        assert (cache.plan is not None) == (path != "modules")
+        if path == "python":
+            cache.plan = (*cache.plan[:-1], None)
+        elif path == "compiled":
+            assert cache.plan[-1] is not None
         steps = [m.decode(x[:, :25], cache)] + [m.decode(x[:, t : t + 1], cache) for t in range(25, 40)]
     assert cache.k.shape[2] == n_kv_head  # the cache holds the key/value heads, not the 4 query heads
     for i, logits in zip(range(24, 40), steps, strict=True):

@@ -93,6 +93,8 @@ def test_genlabs_kernels_give_pytorchs_numbers(M):
         pytest.skip("the kernels cannot be built here (no AVX2 or no C++ compiler): layers use dequantized weights")
     torch.manual_seed(M)
     w, x = torch.randn(203, 256), torch.randn(M, 256)  # 203 rows: a tail of 3 after the blocks of 4
+    none = torch.empty(0)
+    assert torch.allclose(k.linear(x, 0, w, none, none, 0), x @ w.T, atol=1e-4, rtol=1e-5)  # fp32 weights
     q, s = int8_quantize(w)
     assert torch.allclose(k.int8_mm(x, q, s), torch._weight_int8pack_mm(x, q, s), atol=1e-4, rtol=1e-5)
     w = w[:192]  # PyTorch's int4 packing wants rows in multiples of 16

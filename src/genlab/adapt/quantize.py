@@ -8,8 +8,8 @@ Decoding reads every weight for one token per sequence, so its speed is the byte
 for these layouts (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) and its dynamic int8 (fbgemm) were
 measured on this project's CPUs: the first two are 2.4-12x slower than fp32 at batch 1, the third is fast but
 its 8-bit activations cost SmolLM2 7% perplexity token by token and triple it over a prompt
-(benchmarks/quant_routes.py). So a small AVX2 kernel (qkernels.cpp: widen 8 weights to floats, FMA into the rows
-of x) does batch <= 16; it is built once with PyTorch's extension builder and tested against PyTorch's kernels. Without a compiler or AVX2, and for longer
+(benchmarks/quant_routes.py). So small AVX2 kernels (nn/kernels.cpp: widen 8 weights to floats, FMA into the rows
+of x) do batch <= 16; they are built once with PyTorch's extension builder and tested against PyTorch's kernels. Without a compiler or AVX2, and for longer
 inputs (a prompt), the layer multiplies by its dequantized weight: the same numbers, at fp32 speed.
 Activations stay in floating point. The token embedding tied to the output layer is quantized with it (the rows
 of the int8 matrix are the token vectors), so the file shrinks by the embedding too; under int4 the tied
@@ -20,19 +20,12 @@ A quantized run is for inference: config.json records the method and training re
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import sysconfig
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
-
-log = logging.getLogger(__name__)
+from ..nn.kernels import MAX_ROWS, kernels
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -84,35 +77,7 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((p & 15, p >> 4), dim=-1).reshape(p.size(0), -1)
 
 
-_KERNELS: list = []  # [module or None], built on first use
-
-
-def kernels():
-    """The compiled AVX2 kernels (qkernels.cpp), built once per machine (~45 s) into PyTorch's extension cache;
-    None where they cannot be built (no AVX2, no C++ compiler): the layers then use their dequantized weights."""
-    if _KERNELS:
-        return _KERNELS[0]
-    mod = None
-    if os.environ.get("GENLAB_QKERNELS", "1") != "0" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        try:
-            from torch.utils.cpp_extension import load
-
-            scripts = sysconfig.get_paths()["scripts"]  # the `ninja` of this environment (a dependency)
-            if scripts not in os.environ.get("PATH", "").split(os.pathsep):
-                os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
-            src = Path(__file__).with_name("qkernels.cpp")
-            tag = hashlib.sha256(src.read_bytes()).hexdigest()[:10]
-            log.info("loading genlab's int8/int4 CPU kernels (built once per machine, ~45 s)")
-            mod = load(name=f"genlab_qkernels_{tag}", sources=[str(src)], verbose=False,  # OpenMP: at::parallel_for
-                       extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
-        except Exception as e:  # noqa: BLE001 -- any build failure: fall back, say why once
-            log.warning("genlab's int8/int4 kernels could not be built (%s); quantized layers use dequantized "
-                        "weights (same numbers, fp32 speed)", str(e).splitlines()[0][:200] if str(e) else type(e))
-    _KERNELS.append(mod)
-    return mod
-
-
-KERNEL_MAX_ROWS = 16  # up to this many rows of x (tokens in a step) the kernel reads the weights once for all
+KERNEL_MAX_ROWS = MAX_ROWS
 
 
 class QuantLinear(nn.Module):

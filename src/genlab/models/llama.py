@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..nn.attention import KVCache, attention, causal_mask
+from ..nn.kernels import MAX_ROWS, kernels, operand
 from . import NextTokenLM, decode_embedding, decode_linear, register_family
 
 
@@ -215,7 +216,24 @@ class Llama(NextTokenLM, nn.Module):
             return None
         c = self.config
         cos, sin = rope_tables(c.n_embd // c.n_head, c.block_size, float(c.rope_theta))
-        return emb, tuple(layers), self.model.norm.weight, head, cos, sin
+        return emb, tuple(layers), self.model.norm.weight, head, cos, sin, self._compiled_plan()
+
+    def _compiled_plan(self) -> tuple | None:
+        """The layers as the compiled CPU kernel takes them (nn/kernels.cpp: one call per layer step): per layer
+        the norm weights and each projection's operands; None where it does not apply (another device or dtype,
+        an adapter, no compiler), and the Python step below runs instead."""
+        names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")
+        layers = []
+        for block in self.model.layers:
+            ops = [operand(block.get_submodule(n)) for n in names]
+            norms = (block.input_layernorm.weight, block.post_attention_layernorm.weight)
+            if any(o is None for o in ops) or any(w.dtype != torch.float32 or w.device.type != "cpu" for w in norms):
+                return None
+            layers.append((norms[0].detach(), norms[1].detach(), [t for o in ops for t in o[1:4]],
+                           [o[0] for o in ops], [o[4] for o in ops]))
+        k = kernels()
+        return None if k is None else (k, layers, operand(self.lm_head))
 
     def decode(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Append ids (B, T) to the cache -> next-token logits (B, V) at the last position.
@@ -227,10 +245,20 @@ class Llama(NextTokenLM, nn.Module):
         plan = cache.plan
         if ids.size(1) != 1 or plan is None or self.training:
             return self(ids, cache)[:, -1, :]
-        emb, layers, norm_w, head, cos, sin = plan
+        emb, layers, norm_w, head, cos, sin, compiled = plan
         c, p, B = self.config, cache.pos, ids.size(0)
         if p >= c.block_size:
             raise ValueError(f"sequence of {p + 1} tokens exceeds the context of {c.block_size}")
+        if compiled is not None and B <= MAX_ROWS and cache.kv.dtype == torch.float32:
+            k, ops, head_op = compiled
+            x = emb(ids.reshape(-1)).float().contiguous()  # (B, C), updated in place layer by layer
+            cos, sin = cos[p], sin[p]
+            for i, (w_in, w_post, ws, kinds, groups) in enumerate(ops):
+                k.llama_layer(x, w_in, w_post, ws, kinds, groups, cache.layers[i], p, cos, sin, c.rms_norm_eps,
+                              c.n_head, c.n_kv_head)
+            cache.pos = p + 1
+            x = F.rms_norm(x, (c.n_embd,), norm_w.float(), c.rms_norm_eps)
+            return head(x) if head_op is None else k.linear(x, *head_op)
         H, Hkv, D, shape, eps = c.n_head, c.n_kv_head, c.n_embd // c.n_head, (c.n_embd,), c.rms_norm_eps
         cos, sin, half = cos[p], sin[p], D // 2
 

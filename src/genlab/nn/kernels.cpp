@@ -1,0 +1,342 @@
+// CPU kernels for decoding one token per sequence: matrix products that read fp32, int8 or int4 weights, and a
+// whole Llama layer in one call.
+//
+// At M = 1..16 rows of x, y (M, N) = x (M, K) . W (N, K)^T reads the whole weight for a few rows: the time is the
+// bytes read, so int8 (1 byte per weight) and int4 (~0.6) beat fp32 (4) by what they save, if the loop keeps up
+// with memory. Each 8-wide block of a weight row is loaded once, widened to floats and used for every row of x;
+// the rows 4 ahead are prefetched (without it the loop waited on memory at half the bandwidth). Rows of W are
+// shared out between threads with at::parallel_for (built with -fopenmp). AVX2 + FMA.
+//
+// llama_layer does a decoder layer's step, x += attn(norm(x)); x += mlp(norm(x)), in one call, so the ~30 small
+// tensor ops per layer of the Python step (each a dispatch of several microseconds) cost nothing.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+static inline void prefetch_rows(const void* row, int64_t row_bytes, int64_t at) {
+  for (int r = 0; r < 4; ++r) _mm_prefetch(static_cast<const char*>(row) + r * row_bytes + at, _MM_HINT_T0);
+}
+
+// ---- fp32 and int8 weights: 8 weights widened to floats, FMA into each row of x ----
+// Tiles of R = 4 weight rows and MB (1 or 2) rows of x: 4-8 independent accumulators keep the FMA units busy,
+// and the weights, loaded once per 8 columns, serve both rows of x. The one-row tile is written out: the generic
+// form kept its accumulators on the stack, which halved the speed of the most common case, one token.
+struct F32 {
+  static constexpr int64_t width = 4, step = 16;  // bytes per weight, weights per 64-byte line
+  const float* w; int64_t K;
+  const void* row(int64_t n) const { return w + n * K; }
+  int64_t row_bytes() const { return K * 4; }
+  __m256 operator()(int64_t n, int64_t k) const { return _mm256_loadu_ps(w + n * K + k); }
+};
+struct I8 {
+  static constexpr int64_t width = 1, step = 64;
+  const int8_t* q; int64_t K;
+  const void* row(int64_t n) const { return q + n * K; }
+  int64_t row_bytes() const { return K; }
+  __m256 operator()(int64_t n, int64_t k) const {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * K + k));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  }
+};
+
+template <typename Widen>
+static inline void tile_4x1(const float* x, float* y, int64_t n0, int64_t K, const Widen& widen,
+                            const float* row_scale) {
+  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+  const void* ahead = widen.row(n0 + 4);
+  const int64_t rb = widen.row_bytes();
+  for (int64_t k = 0; k < K; k += 8) {
+    if (k % Widen::step == 0) prefetch_rows(ahead, rb, k * Widen::width);
+    const __m256 a = _mm256_loadu_ps(x + k);
+    c0 = _mm256_fmadd_ps(a, widen(n0, k), c0);
+    c1 = _mm256_fmadd_ps(a, widen(n0 + 1, k), c1);
+    c2 = _mm256_fmadd_ps(a, widen(n0 + 2, k), c2);
+    c3 = _mm256_fmadd_ps(a, widen(n0 + 3, k), c3);
+  }
+  const float one[4] = {1, 1, 1, 1};
+  const float* s = row_scale ? row_scale + n0 : one;
+  y[n0] = hsum(c0) * s[0];
+  y[n0 + 1] = hsum(c1) * s[1];
+  y[n0 + 2] = hsum(c2) * s[2];
+  y[n0 + 3] = hsum(c3) * s[3];
+}
+
+template <int R, int MB, typename Widen>
+static inline void tile(const float* x, float* y, int64_t n0, int64_t K, int64_t N, const Widen& widen,
+                        const float* row_scale) {
+  __m256 acc[MB][R];
+  for (int i = 0; i < MB; ++i)
+    for (int r = 0; r < R; ++r) acc[i][r] = _mm256_setzero_ps();
+  const void* ahead = widen.row(n0 + R);
+  const int64_t rb = widen.row_bytes();
+  for (int64_t k = 0; k < K; k += 8) {
+    if (R == 4 && k % Widen::step == 0) prefetch_rows(ahead, rb, k * Widen::width);
+    __m256 a[MB];
+    for (int i = 0; i < MB; ++i) a[i] = _mm256_loadu_ps(x + i * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 w = widen(n0 + r, k);
+      for (int i = 0; i < MB; ++i) acc[i][r] = _mm256_fmadd_ps(a[i], w, acc[i][r]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int r = 0; r < R; ++r) y[i * N + n0 + r] = hsum(acc[i][r]) * (row_scale ? row_scale[n0 + r] : 1.0f);
+}
+
+template <typename Widen>
+static void blocked_mm(const float* x, float* y, int64_t M, int64_t K, int64_t N, const Widen& widen,
+                       const float* row_scale) {
+  const int64_t full = N / 4;
+  at::parallel_for(0, full + (N % 4 ? 1 : 0), 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * 4;
+      for (int64_t m = 0; m < M; m += 2) {
+        const bool two = m + 1 < M;
+        const float* xm = x + m * K;
+        float* ym = y + m * N;
+        if (b < full) {
+          if (two) tile<4, 2>(xm, ym, n0, K, N, widen, row_scale);
+          else tile_4x1(xm, ym, n0, K, widen, row_scale);
+        } else {
+          for (int64_t n = n0; n < N; ++n) {
+            if (two) tile<1, 2>(xm, ym, n, K, N, widen, row_scale);
+            else tile<1, 1>(xm, ym, n, K, N, widen, row_scale);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---- int4 weights: (N, K / 2) bytes, the even column in the low nibble, w = (q - 8) s + z per group of G ----
+// Per group, sum_k x_k w_k = s sum_k x_k q_k + (z - 8 s) sum_k x_k: the second sum is the same for every weight
+// row, so it is computed once per row of x, and the inner loop only widens nibbles and multiplies. 16 bytes hold
+// 32 columns, the low nibbles the even ones and the high nibbles the odd ones: x is reordered the same way once
+// (x_perm), so the nibbles need no interleaving.
+// R weight rows at a time against one row of x: the x block is loaded once for all R, and R independent
+// accumulator chains hide the FMA latency (one row alone waited on its own sums).
+template <int R>
+static inline void int4_tile(const float* xm, const float* xs, float* ym, int64_t n0, int64_t K, int64_t G,
+                             const uint8_t* p, const float* s, const float* z, bool fetch) {
+  const int64_t ng = K / G, rb = K / 2;
+  const __m128i low = _mm_set1_epi8(0x0F);
+  __m256 acc[R];
+  float offs[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offs[r] = 0.f;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m256 d[R];
+    for (int r = 0; r < R; ++r) d[r] = _mm256_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
+      if (fetch && k % 128 == 0) prefetch_rows(p + (n0 + R) * rb, rb, k / 2);
+      const __m256 x0 = _mm256_loadu_ps(xm + k), x1 = _mm256_loadu_ps(xm + k + 8),
+                   x2 = _mm256_loadu_ps(xm + k + 16), x3 = _mm256_loadu_ps(xm + k + 24);
+      for (int r = 0; r < R; ++r) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (n0 + r) * rb + k / 2));
+        const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        d[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), x0, d[r]);
+        d[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), x1, d[r]);
+        d[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), x2, d[r]);
+        d[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), x3, d[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float sg = s[(n0 + r) * ng + g];
+      acc[r] = _mm256_fmadd_ps(d[r], _mm256_set1_ps(sg), acc[r]);
+      offs[r] += (z[(n0 + r) * ng + g] - 8.f * sg) * xs[g];
+    }
+  }
+  for (int r = 0; r < R; ++r) ym[n0 + r] = hsum(acc[r]) + offs[r];
+}
+
+static void int4_rows(const float* xperm, const float* xsum, float* y, int64_t M, int64_t K, int64_t N,
+                      const uint8_t* p, const float* s, const float* z, int64_t G) {
+  const int64_t ng = K / G, full = N / 4;
+  at::parallel_for(0, full + (N % 4 ? 1 : 0), 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t m = 0; m < M; ++m) {
+        const float *xm = xperm + m * K, *xs = xsum + m * ng;
+        if (b < full) int4_tile<4>(xm, xs, y + m * N, b * 4, K, G, p, s, z, m == 0);
+        else
+          for (int64_t n = b * 4; n < N; ++n) int4_tile<1>(xm, xs, y + m * N, n, K, G, p, s, z, false);
+      }
+  });
+}
+
+static void int4_mm_raw(const float* x, float* y, int64_t M, int64_t K, int64_t N, const uint8_t* p,
+                        const float* s, const float* z, int64_t G) {
+  const int64_t ng = K / G;
+  std::vector<float> xperm(M * K), xsum(M * ng, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 32)
+      for (int i = 0; i < 16; ++i) {
+        xperm[m * K + k + i] = x[m * K + k + 2 * i];
+        xperm[m * K + k + 16 + i] = x[m * K + k + 2 * i + 1];
+      }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xsum[m * ng + k / G] += x[m * K + k];
+  int4_rows(xperm.data(), xsum.data(), y, M, K, N, p, s, z, G);
+}
+
+// ---- one Linear layer of any of the three kinds, as the layer step sees it ----
+struct Lin {
+  int64_t kind = 0, G = 0, N = 0, K = 0;  // kind 0: fp32 W (N, K); 1: int8 q (N, K) and row scales; 2: int4
+  const float* w = nullptr;
+  const int8_t* q8 = nullptr;
+  const uint8_t* q4 = nullptr;
+  const float* s = nullptr;
+  const float* z = nullptr;
+};
+
+static Lin make_lin(int64_t kind, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c,
+                    int64_t G) {
+  TORCH_CHECK(a.is_contiguous() && a.dim() == 2, "weights must be contiguous matrices");
+  Lin L;
+  L.kind = kind;
+  L.G = G;
+  L.N = a.size(0);
+  if (kind == 0) {
+    TORCH_CHECK(a.dtype() == torch::kFloat);
+    L.K = a.size(1);
+    L.w = a.data_ptr<float>();
+  } else if (kind == 1) {
+    TORCH_CHECK(a.dtype() == torch::kInt8 && b.dtype() == torch::kFloat && b.numel() == L.N);
+    L.K = a.size(1);
+    L.q8 = a.data_ptr<int8_t>();
+    L.s = b.data_ptr<float>();
+  } else {
+    TORCH_CHECK(kind == 2 && a.dtype() == torch::kUInt8 && G % 32 == 0);
+    L.K = a.size(1) * 2;
+    TORCH_CHECK(L.K % G == 0 && b.is_contiguous() && c.is_contiguous() && b.numel() == L.N * (L.K / G) &&
+                c.numel() == b.numel());
+    L.q4 = a.data_ptr<uint8_t>();
+    L.s = b.data_ptr<float>();
+    L.z = c.data_ptr<float>();
+  }
+  TORCH_CHECK(L.K % 8 == 0, "the kernels need inputs in multiples of 8");
+  return L;
+}
+
+static void lin_apply(const Lin& L, const float* x, float* y, int64_t M) {
+  if (L.kind == 0) blocked_mm(x, y, M, L.K, L.N, F32{L.w, L.K}, nullptr);
+  else if (L.kind == 1) blocked_mm(x, y, M, L.K, L.N, I8{L.q8, L.K}, L.s);
+  else int4_mm_raw(x, y, M, L.K, L.N, L.q4, L.s, L.z, L.G);
+}
+
+torch::Tensor linear(torch::Tensor x, int64_t kind, torch::Tensor a, torch::Tensor b, torch::Tensor c, int64_t G) {
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.dim() == 2, "x must be a float (M, K) matrix");
+  x = x.contiguous();
+  const Lin L = make_lin(kind, a, b, c, G);
+  TORCH_CHECK(x.size(1) == L.K, "x has ", x.size(1), " columns, the weight ", L.K);
+  auto y = torch::empty({x.size(0), L.N}, x.options());
+  lin_apply(L, x.data_ptr<float>(), y.data_ptr<float>(), x.size(0));
+  return y;
+}
+
+// ---- a Llama decoder layer, one new token per row ----
+// RMSNorm (Zhang & Sennrich 2019, eq. 4), rotary embeddings in the rotate-half layout (Su et al. 2021, eq. 34),
+// grouped-query attention over the cache (Ainslie et al. 2023), SwiGLU (Shazeer 2020, eq. 6): llama.py's math.
+static void rmsnorm(const float* x, const float* w, float* out, int64_t M, int64_t C, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * C;
+    float ss = 0.f;
+    for (int64_t c = 0; c < C; ++c) ss += xm[c] * xm[c];
+    const float r = 1.f / std::sqrt(ss / C + eps);
+    for (int64_t c = 0; c < C; ++c) out[m * C + c] = xm[c] * r * w[c];
+  }
+}
+
+static inline void rope(float* t, const float* cos, const float* sin, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = t[i], b = t[i + half];
+    t[i] = a * cos[i] - b * sin[i];
+    t[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+static inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void llama_layer(torch::Tensor x, torch::Tensor w_in, torch::Tensor w_post, std::vector<torch::Tensor> w,
+                 std::vector<int64_t> kinds, std::vector<int64_t> groups, torch::Tensor kv, int64_t p,
+                 torch::Tensor cos, torch::Tensor sin, double eps, int64_t H, int64_t Hkv) {
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.is_contiguous() && kv.dtype() == torch::kFloat && kv.is_contiguous());
+  TORCH_CHECK(w.size() == 21 && kinds.size() == 7 && groups.size() == 7, "7 projections, 3 tensors each");
+  std::vector<Lin> L;
+  for (int i = 0; i < 7; ++i) L.push_back(make_lin(kinds[i], w[3 * i], w[3 * i + 1], w[3 * i + 2], groups[i]));
+  const int64_t M = x.size(0), C = x.size(1), B = kv.size(1), T = kv.size(3), D = kv.size(4), I = L[4].N;
+  TORCH_CHECK(M == B && kv.size(2) == Hkv && H * D == L[0].N && Hkv * D == L[1].N && p < T && H % Hkv == 0);
+  const float fe = static_cast<float>(eps);
+  float* xp = x.data_ptr<float>();
+  float* cache = kv.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  std::vector<float> h(M * C), q(M * H * D), k(M * Hkv * D), v(M * Hkv * D), att(M * H * D), g(M * I), u(M * I),
+      out(M * C);
+
+  rmsnorm(xp, w_in.data_ptr<float>(), h.data(), M, C, fe);
+  lin_apply(L[0], h.data(), q.data(), M);
+  lin_apply(L[1], h.data(), k.data(), M);
+  lin_apply(L[2], h.data(), v.data(), M);
+  for (int64_t i = 0; i < M * H; ++i) rope(q.data() + i * D, cp, sp, D);
+  for (int64_t i = 0; i < M * Hkv; ++i) {  // the cache holds keys after rotation
+    rope(k.data() + i * D, cp, sp, D);
+    const int64_t b = i / Hkv, j = i % Hkv;
+    std::memcpy(cache + (((0 * B + b) * Hkv + j) * T + p) * D, k.data() + i * D, D * 4);
+    std::memcpy(cache + (((1 * B + b) * Hkv + j) * T + p) * D, v.data() + i * D, D * 4);
+  }
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, M * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> sc(p + 1);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, j = (i % H) / (H / Hkv);  // the key/value head this query head shares
+      const float* kb = cache + ((0 * B + b) * Hkv + j) * T * D;
+      const float* vb = cache + ((1 * B + b) * Hkv + j) * T * D;
+      const float* qi = q.data() + i * D;
+      float mx = -INFINITY, sum = 0.f;
+      for (int64_t t = 0; t <= p; ++t) mx = std::max(mx, sc[t] = dot(qi, kb + t * D, D) * scale);
+      for (int64_t t = 0; t <= p; ++t) sum += (sc[t] = std::exp(sc[t] - mx));
+      float* o = att.data() + i * D;
+      std::fill(o, o + D, 0.f);
+      for (int64_t t = 0; t <= p; ++t) {
+        const float a = sc[t] / sum;
+        for (int64_t d = 0; d < D; ++d) o[d] += a * vb[t * D + d];
+      }
+    }
+  });
+  lin_apply(L[3], att.data(), out.data(), M);
+  for (int64_t i = 0; i < M * C; ++i) xp[i] += out[i];
+
+  rmsnorm(xp, w_post.data_ptr<float>(), h.data(), M, C, fe);
+  lin_apply(L[4], h.data(), g.data(), M);
+  lin_apply(L[5], h.data(), u.data(), M);
+  for (int64_t i = 0; i < M * I; ++i) g[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];  // silu(gate) * up
+  lin_apply(L[6], g.data(), out.data(), M);
+  for (int64_t i = 0; i < M * C; ++i) xp[i] += out[i];
+}
+
+// The quantized layers' entry points (x @ dequantized(W)^T), kept by name for adapt/quantize.py.
+torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s) {
+  return linear(x, 1, q, s, torch::Tensor(), 0);
+}
+torch::Tensor int4_mm(torch::Tensor x, torch::Tensor p, torch::Tensor s, torch::Tensor z, int64_t G) {
+  return linear(x, 2, p, s, z, G);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear", &linear, "x @ W^T for W fp32 (kind 0), int8 + row scales (1) or int4 groups (2)");
+  m.def("int8_mm", &int8_mm, "x @ (q * s)^T, int8 weights, one scale per row");
+  m.def("int4_mm", &int4_mm, "x @ ((q - 8) * s + z)^T, int4 weights in groups");
+  m.def("llama_layer", &llama_layer, "one Llama decoder layer for one new token per row, x updated in place");
+}
