@@ -122,39 +122,49 @@ static void blocked_mm(const float* x, float* y, int64_t M, int64_t K, int64_t N
 // row, so it is computed once per row of x, and the inner loop only widens nibbles and multiplies. 16 bytes hold
 // 32 columns, the low nibbles the even ones and the high nibbles the odd ones: x is reordered the same way once
 // (x_perm), so the nibbles need no interleaving.
-// R weight rows at a time against one row of x: the x block is loaded once for all R, and R independent
-// accumulator chains hide the FMA latency (one row alone waited on its own sums).
-template <int R>
-static inline void int4_tile(const float* xm, const float* xs, float* ym, int64_t n0, int64_t K, int64_t G,
-                             const uint8_t* p, const float* s, const float* z, bool fetch) {
+// R weight rows against MB rows of x at a time: each 16-byte block of a row is widened once for all MB rows of
+// x, and the R x MB independent accumulator chains hide the FMA latency (one row alone waited on its own sums).
+template <int R, int MB>
+static inline void int4_tile(const float* x, const float* xs, float* y, int64_t n0, int64_t K, int64_t N,
+                             int64_t G, const uint8_t* p, const float* s, const float* z, bool fetch) {
   const int64_t ng = K / G, rb = K / 2;
   const __m128i low = _mm_set1_epi8(0x0F);
-  __m256 acc[R];
-  float offs[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offs[r] = 0.f;
+  __m256 acc[MB][R];
+  float offs[MB][R];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps(), offs[m][r] = 0.f;
   for (int64_t g = 0; g < ng; ++g) {
-    __m256 d[R];
-    for (int r = 0; r < R; ++r) d[r] = _mm256_setzero_ps();
+    __m256 d[MB][R];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < R; ++r) d[m][r] = _mm256_setzero_ps();
     for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
       if (fetch && k % 128 == 0) prefetch_rows(p + (n0 + R) * rb, rb, k / 2);
-      const __m256 x0 = _mm256_loadu_ps(xm + k), x1 = _mm256_loadu_ps(xm + k + 8),
-                   x2 = _mm256_loadu_ps(xm + k + 16), x3 = _mm256_loadu_ps(xm + k + 24);
       for (int r = 0; r < R; ++r) {
         const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (n0 + r) * rb + k / 2));
         const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-        d[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), x0, d[r]);
-        d[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), x1, d[r]);
-        d[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), x2, d[r]);
-        d[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), x3, d[r]);
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
+                     w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                     w2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
+                     w3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+        for (int m = 0; m < MB; ++m) {
+          const float* xk = x + m * K + k;
+          d[m][r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xk), d[m][r]);
+          d[m][r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xk + 8), d[m][r]);
+          d[m][r] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xk + 16), d[m][r]);
+          d[m][r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xk + 24), d[m][r]);
+        }
       }
     }
     for (int r = 0; r < R; ++r) {
-      const float sg = s[(n0 + r) * ng + g];
-      acc[r] = _mm256_fmadd_ps(d[r], _mm256_set1_ps(sg), acc[r]);
-      offs[r] += (z[(n0 + r) * ng + g] - 8.f * sg) * xs[g];
+      const float sg = s[(n0 + r) * ng + g], cg = z[(n0 + r) * ng + g] - 8.f * sg;
+      for (int m = 0; m < MB; ++m) {
+        acc[m][r] = _mm256_fmadd_ps(d[m][r], _mm256_set1_ps(sg), acc[m][r]);
+        offs[m][r] += cg * xs[m * ng + g];
+      }
     }
   }
-  for (int r = 0; r < R; ++r) ym[n0 + r] = hsum(acc[r]) + offs[r];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n0 + r] = hsum(acc[m][r]) + offs[m][r];
 }
 
 static void int4_rows(const float* xperm, const float* xsum, float* y, int64_t M, int64_t K, int64_t N,
@@ -162,11 +172,19 @@ static void int4_rows(const float* xperm, const float* xsum, float* y, int64_t M
   const int64_t ng = K / G, full = N / 4;
   at::parallel_for(0, full + (N % 4 ? 1 : 0), 4, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
-      for (int64_t m = 0; m < M; ++m) {
+      for (int64_t m = 0; m < M; m += 2) {
+        const bool two = m + 1 < M;
         const float *xm = xperm + m * K, *xs = xsum + m * ng;
-        if (b < full) int4_tile<4>(xm, xs, y + m * N, b * 4, K, G, p, s, z, m == 0);
-        else
-          for (int64_t n = b * 4; n < N; ++n) int4_tile<1>(xm, xs, y + m * N, n, K, G, p, s, z, false);
+        float* ym = y + m * N;
+        if (b < full) {
+          if (two) int4_tile<4, 2>(xm, xs, ym, b * 4, K, N, G, p, s, z, m == 0);
+          else int4_tile<4, 1>(xm, xs, ym, b * 4, K, N, G, p, s, z, m == 0);
+        } else {
+          for (int64_t n = b * 4; n < N; ++n) {
+            if (two) int4_tile<1, 2>(xm, xs, ym, n, K, N, G, p, s, z, false);
+            else int4_tile<1, 1>(xm, xs, ym, n, K, N, G, p, s, z, false);
+          }
+        }
       }
   });
 }
