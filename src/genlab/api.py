@@ -281,6 +281,7 @@ class Run:
     tokenizer: Tokenizer | None
     train_config: RunConfig | None
     class_names: list[str] | None = None  # an image run's classes, in label order (where its data named them)
+    adapter: Path | None = None  # the LoRA adapter on the model, where one was loaded
 
     @property
     def family(self) -> str:
@@ -335,9 +336,12 @@ class Run:
         return ChatTemplate.from_run(self.path) if self.tokenizer is not None else None
 
 
-def load(path: str | Path) -> Run:
-    """Load a run folder (config.json + model.safetensors [+ tokenizer.json, train_config.json])."""
+def load(path: str | Path, adapter: str | Path | None = None) -> Run:
+    """Load a run folder (config.json + model.safetensors [+ tokenizer.json, train_config.json]); `adapter` puts
+    one of its LoRA adapters (a name under adapters/, or an adapter folder) on the model."""
     path = Path(path)
+    if adapter is not None:
+        return load_adapter(load(path), adapter)
     saved = ckpt.read_model_config(path)
     try:
         cfg = config_from_saved(saved["family"], saved["model"])
@@ -813,3 +817,176 @@ def _evaluate_images(run: Run, max_images: int | None, iwae_k: int, batch_size: 
                                         nrow=k))
     res["seconds"] = round(time.perf_counter() - t0, 2)
     return res
+
+
+# ---------------------------------------------------------------- adapting: fine-tuning, LoRA, merging
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tune as data: `--set` overrides any field (`r=16`, `train.lr=1e-4`, `block_size=512`)."""
+
+    method: str = "lora"  # "lora" (a frozen base plus an adapter) or "full" (every weight trains)
+    r: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA scale alpha / r
+    dropout: float = 0.05  # on the adapter's input
+    rslora: bool = False  # scale alpha / sqrt(r) (Kalajdzievski 2023)
+    targets: list = field(default_factory=list)  # layer names/suffixes/wildcards; [] = the family's default
+    block_size: int = 256  # tokens per training window (at most the base's context)
+    val_fraction: float = 0.1
+    seed: int = 1337
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=100, batch_size=8, lr=2e-4, warmup_steps=10, weight_decay=0.0, eval_every=50, eval_batches=10,
+        checkpoint_every=100, min_lr_ratio=0.1))
+
+    def validate(self):
+        if self.method not in ("lora", "full"):
+            raise ConfigError(f"method={self.method!r} unknown; known: lora, full")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"r={self.r!r}: the LoRA rank must be an integer >= 1")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha={self.alpha} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.block_size < 2:
+            raise ConfigError(f"block_size={self.block_size} must be >= 2")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 0.5)")
+
+
+def _finetune_data(run: Run, data: str | Path, block_size: int, val_fraction: float):
+    """Chat/instruction JSONL -> ChatData (loss on assistant tokens); a text file, a folder of them or a built-in
+    text corpus -> TokenData (continued pre-training, style)."""
+    from .data.chat import ChatData, encode_conversation, read_chat_jsonl
+
+    p = Path(str(data))
+    if p.suffix == ".jsonl":
+        template = run.chat_template()
+        if template is None:
+            raise ConfigError(f"{run.path} has no chat template, so chat data cannot be laid out for it; fine-tune "
+                              "an instruct model (genlab import smollm2) or give plain text")
+        encode = (lambda t: run.tokenizer.encode(t, add_special_tokens=False)) \
+            if getattr(run.tokenizer, "kind", "") == "bpe" else run.tokenizer.encode
+        convs = [encode_conversation(template, encode, m) for m in read_chat_jsonl(p)]
+        return ChatData(convs, block_size, val_fraction)
+    cfg = DataConfig(source="text", path=str(p), val_fraction=val_fraction) if p.exists() else \
+        DataConfig(source=str(data), val_fraction=val_fraction)
+    cfg.validate()
+    if cfg.kind != "text":
+        raise ConfigError(f"{data}: fine-tuning a language model needs text (a .txt/.md file, a folder of them, a "
+                          "chat .jsonl, or a built-in text corpus)")
+    data_, _, _ = prepare_text_data(cfg, block_size, run.tokenizer)
+    return data_
+
+
+def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = None, out: str | Path | None = None,
+             config: FinetuneConfig | None = None, overrides: list[str] = (), overwrite: bool = False,
+             callbacks=()) -> tuple[Path, FitResult]:
+    """Adapt a gpt or llama run to `data` through the one `fit` loop. LoRA (the default) freezes the base and
+    writes only the adapter, to `base/adapters/<name>/` in peft's format; `method="full"` trains every weight
+    and writes a new run to `out`. Returns the folder written and the fit result."""
+    from .adapt import lora as lora_io
+    from .adapt.quantize import is_quantized
+    from .nn.lora import add_lora
+
+    d = to_dict(config or FinetuneConfig())
+    apply_overrides(d, list(overrides))
+    fc = from_dict(FinetuneConfig, d)
+    run = _as_run(base)
+    if run.family not in ("gpt", "llama"):
+        raise ConfigError(f"genlab finetune adapts language models (gpt, llama); {run.path} is {run.family!r}")
+    block = min(fc.block_size, run.model.context_size)
+    if fc.method == "full":
+        if is_quantized(run.model):
+            raise ConfigError(f"{run.path} is quantized: full fine-tuning needs the full-precision run (LoRA can "
+                              "train over a quantized base)")
+        if out is None:
+            raise ConfigError("a full fine-tune writes a new run: give its folder (--out runs/NAME)")
+        from .adapt.hf import check_run_target
+
+        target = check_run_target(out, overwrite)
+        if target == run.path.resolve():
+            raise ConfigError("the fine-tuned run must go to another folder than its base")
+    else:
+        target = lora_io.adapter_dir(run.path, name or "adapter")
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            raise ConfigError(f"adapter {target} exists; pass --overwrite to replace it or give another --name")
+    data_ = _finetune_data(run, data, block, fc.val_fraction)
+    model = run.model
+    targets = list(fc.targets) or lora_io.default_targets(run.family, model)
+    if fc.method == "lora":
+        names = add_lora(model, targets, r=fc.r, alpha=fc.alpha, dropout=fc.dropout, rslora=fc.rslora)
+        log.info("LoRA r=%d on %d layers (%s); %s trainable parameters of %s", fc.r, len(names),
+                 ", ".join(targets), f"{num_params(model):,}", f"{sum(p.numel() for p in model.parameters()):,}")
+
+        def write(folder, m):
+            lora_io.save_adapter(m, folder, r=fc.r, alpha=fc.alpha, dropout=fc.dropout, targets=targets,
+                                 rslora=fc.rslora, family=run.family, base=str(run.path))
+    else:
+        model.requires_grad_(True)
+        write = None
+    if overwrite and target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True, exist_ok=True)
+    if fc.method == "full":
+        ckpt.write_model_config(target, run.family, config_dict(model.config))
+        for f in sorted(run.path.iterdir()):
+            if f.name == ckpt.TOKENIZER or (f.name.startswith("hf_") and f.suffix == ".json"):
+                shutil.copyfile(f, target / f.name)
+    ckpt.atomic_write_json(target / "finetune_config.json", {**to_dict(fc), "base": str(run.path), "data": str(data)})
+    result = fit(model, data_, fc.train, run_dir=target, seed=fc.seed, callbacks=callbacks, write_weights=write)
+    model.eval()
+    return target, result
+
+
+def evaluate_loss_on(run: Run | str | Path, data: str | Path, overrides: list[str] = ()) -> float:
+    """The run's held-out loss on the split `finetune` holds out of `data` (same windows, same batches): the
+    "before" of a fine-tune."""
+    d = to_dict(FinetuneConfig())
+    apply_overrides(d, list(overrides))
+    fc = from_dict(FinetuneConfig, d)
+    run = _as_run(run)
+    data_ = _finetune_data(run, data, min(fc.block_size, run.model.context_size), fc.val_fraction)
+    with torch.no_grad():
+        return evaluate_loss(run.model, data_.eval_batches(fc.train.batch_size, fc.train.eval_batches))
+
+
+def load_adapter(run: Run, adapter: str | Path) -> Run:
+    """Put a LoRA adapter on a loaded run (in place): a name under the run's adapters/ or an adapter folder
+    (genlab's or peft's)."""
+    from .adapt import lora as lora_io
+
+    folder = Path(adapter)
+    if not (folder / lora_io.CONFIG).is_file():
+        folder = lora_io.adapter_dir(run.path, str(adapter))
+        if not folder.is_dir():
+            known = lora_io.list_adapters(run.path)
+            raise ConfigError(f"adapter {adapter!r} not found in {run.path / lora_io.ADAPTERS}; "
+                              f"{'known: ' + ', '.join(known) if known else 'this run has none'}")
+    lora_io.load_adapter(run.model, folder)
+    run.model.eval()
+    run.adapter = folder
+    return run
+
+
+def merge(run: Run | str | Path, adapter: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Fold a LoRA adapter into its base's weights and write the result as a new run (same tokenizer, template)."""
+    from .adapt.hf import check_run_target
+    from .adapt.quantize import is_quantized
+    from .nn.lora import merge_lora
+
+    run = _as_run(run)
+    if is_quantized(run.model):
+        raise ConfigError(f"{run.path} is quantized: merge the adapter into the full-precision run, then quantize")
+    out = check_run_target(out, overwrite)
+    if out == run.path.resolve():
+        raise ConfigError("the merged run must go to another folder than its base")
+    load_adapter(run, adapter)
+    model = merge_lora(run.model)
+    with ckpt.replacing_folder(out) as tmp:
+        ckpt.write_model_config(tmp, run.family, config_dict(model.config))
+        ckpt.save_weights(tmp / ckpt.WEIGHTS, model, metadata={"merged_from": str(run.path), "adapter": str(adapter)})
+        for f in sorted(run.path.iterdir()):
+            if f.name in (ckpt.TOKENIZER, ckpt.TRAIN_CONFIG) or (f.name.startswith("hf_") and f.suffix == ".json"):
+                shutil.copyfile(f, tmp / f.name)
+    return out

@@ -50,7 +50,7 @@ def _controls(a) -> dict:
 def cmd_generate(a) -> int:
     from . import api
 
-    run = api.load(a.run)
+    run = api.load(a.run, adapter=a.adapter)
     controls = _controls(a)
     prompt = unescape(a.prompt)
     if a.chat:  # one user turn through the model's chat template; prints the reply only
@@ -110,7 +110,7 @@ def cmd_chat(a) -> int:
     from .core.checkpoint import atomic_write_json, read_json
     from .data.chat import check_messages
 
-    run = api.load(a.run)
+    run = api.load(a.run, adapter=a.adapter)
     if run.chat_template() is None:  # the same message as the API's, before any prompt is shown
         api.chat(run, [{"role": "user", "content": "hi"}])
     controls = _controls(a)
@@ -394,6 +394,38 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def cmd_finetune(a) -> int:
+    from . import api
+    from .core.outputs import format_loss
+
+    overrides = list(a.set) + [f"method={a.method}"] + ([f"r={a.rank}"] if a.rank is not None else []) + \
+        ([f"targets={json.dumps(a.targets.split(','))}"] if a.targets else [])
+    base = api.load(a.base)
+    t0 = time.perf_counter()
+    before = api.evaluate_loss_on(base, a.data, overrides) if a.compare else None
+    folder, res = api.finetune(base, a.data, name=a.name, out=a.out, overrides=overrides, overwrite=a.overwrite)
+    val = f"; held-out loss {format_loss(res.val_loss, res.loss_unit)}" if res.val_loss is not None else ""
+    if before is not None:
+        val += f" (before: {format_loss(before, res.loss_unit)})"
+    print(f"fine-tuned {a.base} ({a.method}) in {time.perf_counter() - t0:.1f} s: {res.step:,} steps{val}")
+    if a.method == "lora":
+        size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors")
+        print(f"adapter: {folder} ({size / 1e6:.2f} MB, peft format)")
+        print(f"use it: genlab generate {a.base} --adapter {folder.name} ...   or fold it in: genlab merge {a.base} "
+              f"{folder.name} OUT")
+    else:
+        print(f"run: {folder}")
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from . import api
+
+    out = api.merge(a.run, a.adapter, a.out, overwrite=a.overwrite)
+    print(f"merged adapter {a.adapter} into {a.run}: {out} (a full run: generate, chat, export, quantize use it)")
+    return 0
+
+
 def cmd_demo(a) -> int:
     from .demo import run_demo
 
@@ -461,6 +493,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="send --prompt as a user message through the model's chat template and print the reply "
                         "(an instruct model, e.g. an imported smollm2)")
     g.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system prompt")
+    g.add_argument("--adapter", default=None, metavar="NAME",
+                   help="a LoRA adapter of the run (runs/X/adapters/NAME) or an adapter folder (genlab's or peft's)")
     g.set_defaults(fn=cmd_generate)
 
     h = sub.add_parser("chat", help="chat with an instruct model in the terminal", formatter_class=fmt,
@@ -471,6 +505,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("run", help="run folder of a chat model, e.g. runs/smollm2")
     h.add_argument("--system", default=None, metavar="TEXT", help="system prompt (default: the template's own)")
     h.add_argument("--load", default=None, metavar="FILE", help="continue a conversation saved with /save")
+    h.add_argument("--adapter", default=None, metavar="NAME", help="a LoRA adapter of the run, or an adapter folder")
     _sampling_args(h, "512")
     h.set_defaults(fn=cmd_chat)
 
@@ -559,6 +594,37 @@ def _parser() -> argparse.ArgumentParser:
                    help="int4: inputs per scale/offset group, 32, 64, 128 or 256 (default: 32)")
     q.add_argument("--overwrite", action="store_true", help="replace an earlier run in `out`")
     q.set_defaults(fn=cmd_quantize)
+
+    f = sub.add_parser("finetune", help="adapt a gpt or llama run to your data (LoRA or full)", formatter_class=fmt,
+                       description="Fine-tune a language-model run through the same training loop. DATA: a text "
+                                   "file or folder, or a built-in text corpus (continued pre-training, style), or a "
+                                   "chat JSONL ({\"messages\": [...]} or {\"prompt\", \"response\"} per line: the loss "
+                                   "is on the assistant's tokens, laid out by the base's chat template). LoRA (the "
+                                   "default) freezes the base and writes only an adapter, in peft's format, to "
+                                   "BASE/adapters/NAME; --method full writes a whole new run to --out.")
+    f.add_argument("base", help="run folder of the base model, e.g. runs/smollm2")
+    f.add_argument("data", help="a .txt/.md file or folder, a chat .jsonl, or a built-in corpus (shakespeare)")
+    f.add_argument("--method", choices=["lora", "full"], default="lora", help="what trains")
+    f.add_argument("--name", default="adapter", help="LoRA: the adapter's name under BASE/adapters/")
+    f.add_argument("--out", default=None, help="full: the folder of the new run")
+    f.add_argument("--rank", type=int, default=None, metavar="R", help="LoRA rank (default 8)")
+    f.add_argument("--targets", default=None, metavar="A,B",
+                   help="LoRA: layer names or suffixes to adapt, e.g. q_proj,v_proj (default: every projection of "
+                        "the Transformer blocks)")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting: alpha=32, dropout=0.1, block_size=512, train.max_steps=200, "
+                        "train.lr=1e-4, train.batch_size=4 ... (repeatable)")
+    f.add_argument("--compare", action="store_true", help="also print the base's held-out loss on the same data")
+    f.add_argument("--overwrite", action="store_true", help="replace an adapter (or run) of the same name")
+    f.set_defaults(fn=cmd_finetune)
+
+    mg = sub.add_parser("merge", help="fold a LoRA adapter into its base: a new full run", formatter_class=fmt,
+                        description="W + (alpha / r) B A for every adapted layer, written as a new run folder.")
+    mg.add_argument("run", help="the base run folder")
+    mg.add_argument("adapter", help="the adapter's name under RUN/adapters/, or an adapter folder")
+    mg.add_argument("out", help="folder for the merged run")
+    mg.add_argument("--overwrite", action="store_true", help="replace an earlier run in `out`")
+    mg.set_defaults(fn=cmd_merge)
 
     m = sub.add_parser("import", help="import a pretrained model as a run", formatter_class=fmt,
                        description="Import a pretrained language model as a genlab run folder that genlab.load, "

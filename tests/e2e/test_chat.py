@@ -207,3 +207,35 @@ def test_an_imported_chat_model_exports_with_its_template_and_special_tokens(cha
     import genlab
 
     assert reply == {"role": "assistant", "content": genlab.chat(path, msgs, max_new_tokens=12, temperature=0)}
+
+
+def test_a_chat_finetune_learns_the_replies_and_masks_the_prompts(chat_run, tmp_path):
+    """`genlab finetune RUN chat.jsonl`: conversations laid out by the run's template, the loss on the
+    assistant's tokens only; a full fine-tune learns a fixed reply, a LoRA adapter trains and chats."""
+    from genlab import api
+    from genlab.data.chat import encode_conversation, read_chat_jsonl
+
+    path, _, tok = chat_run
+    data = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"To be, or not {'to be ' * (i % 5)}?"},
+                          {"role": "assistant", "content": "That is the question."}]} for i in range(60)]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = api.load(path)
+    ids, mask = encode_conversation(run.chat_template(), lambda t: run.tokenizer.encode(t, add_special_tokens=False),
+                                    read_chat_jsonl(data)[0])
+    assert ids == tok.apply_chat_template(rows[0]["messages"], tokenize=True, return_dict=True)["input_ids"]
+    assert run.tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m]) == \
+        "That is the question.<|im_end|>\n"  # the reply and its end of turn, nothing of the prompt
+    out = tmp_path / "full"
+    p = run_cli("finetune", path, data, "--method", "full", "--out", out, "--compare", "--set", "block_size=64",
+                "--set", "train.max_steps=60", "--set", "train.lr=3e-3", "--set", "train.progress=false", check=True)
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("fine-tuned"))
+    after, before = (float(v.split()[0]) for v in line.split("held-out loss ")[1].split("(before: "))
+    assert after < 0.3 * before, line
+    p = run_cli("generate", out, "--chat", "--prompt", "To be, or not?", "--temperature", "0", "--max-new-tokens",
+                "12", check=True)
+    assert p.stdout.strip() == "That is the question.", p.stdout
+    run_cli("finetune", path, data, "--name", "hamlet", "--set", "block_size=64", "--set", "train.max_steps=5",
+            "--set", "train.progress=false", check=True)
+    p = run_cli("chat", path, "--adapter", "hamlet", "--max-new-tokens", "5", input="hello\n/exit\n", check=True)
+    assert p.returncode == 0

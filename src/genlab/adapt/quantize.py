@@ -128,7 +128,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        fits = x2.size(0) <= KERNEL_MAX_ROWS and self.in_features % 8 == 0 and x.dtype == torch.float32
+        fits = x2.size(0) <= KERNEL_MAX_ROWS and self.in_features % 8 == 0 and x.dtype == torch.float32 and \
+            not (x.requires_grad and torch.is_grad_enabled())  # the kernels have no backward: an adapter below trains
         k = kernels() if fits and x.device.type == "cpu" else None
         if k is not None:
             y = k.int8_mm(x2, self.qweight, self.scales) if self.method == "int8" else \

@@ -15,7 +15,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..core.errors import CheckpointError, ConfigError
+import torch
+
+from ..core.errors import CheckpointError, ConfigError, DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 TOKENIZER_CONFIG = "hf_tokenizer_config.json"  # an imported run's tokenizer_config.json, as its source had it
@@ -109,3 +111,105 @@ def _token_text(v) -> str | None:
     if isinstance(v, dict) and isinstance(v.get("content"), str):
         return v["content"]
     return None
+
+
+# ---------------------------------------------------------------- instruction / chat data for fine-tuning
+
+def read_chat_jsonl(path: str | Path) -> list[list[dict[str, str]]]:
+    """Conversations from a JSONL file: each line {"messages": [...]} or {"prompt": ..., "response": ...}
+    (-> a user and an assistant turn). Every conversation needs an assistant turn: that is what trains."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"chat data not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if isinstance(row, dict) and "messages" in row:
+            msgs = row["messages"]
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+            msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+        else:
+            raise DataError(f"{path}:{n}: each line needs {{\"messages\": [...]}} or {{\"prompt\", \"response\"}}")
+        try:
+            msgs = check_messages(msgs)
+        except ConfigError as e:
+            raise DataError(f"{path}:{n}: {e}") from None
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataError(f"{path}:{n}: the conversation has no assistant turn (nothing to learn from)")
+        out.append(msgs)
+    if not out:
+        raise DataError(f"{path} holds no conversation")
+    return out
+
+
+def encode_conversation(template: ChatTemplate, encode, messages) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation as its template lays it out, and which of them are trained: the assistant's
+    replies with their end-of-turn token, not the system/user turns nor the assistant header (the prompt)."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prompt = template.render(messages[:i], add_generation_prompt=True) if i else ""
+        full = template.render(messages[: i + 1], add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise DataError("this chat template does not render a conversation turn by turn (a prefix of the "
+                            "conversation is not a prefix of its text): it cannot mark the assistant's tokens")
+        for text, trained in ((prompt[len(done):], False), (full[len(prompt):], True)):
+            t = encode(text) if text else []
+            ids += t
+            mask += [trained] * len(t)
+        done = full
+    return ids, mask
+
+
+class ChatData:
+    """Conversations packed into windows of `block_size` tokens, the loss on assistant tokens only (the other
+    targets are -100, which cross-entropy ignores); a `BatchSource` for `fit`.
+
+    Packing: the conversations are laid end to end and cut into windows, so no compute goes to padding; a
+    window may hold the end of one conversation and the start of the next (attention then sees both, as in
+    packed fine-tuning generally). The last `val_fraction` of conversations is held out."""
+
+    def __init__(self, conversations: list[tuple[list[int], list[bool]]], block_size: int,
+                 val_fraction: float = 0.1):
+        n_val = max(1, int(len(conversations) * val_fraction)) if len(conversations) > 1 else 0
+        if n_val == 0:
+            raise DataError("chat fine-tuning needs at least 2 conversations (one is held out)")
+        self.block_size = block_size
+        self.train = self._pack(conversations[:-n_val], block_size, "train")
+        self.val = self._pack(conversations[-n_val:], block_size, "held-out", pad=True)
+
+    @staticmethod
+    def _pack(convs, T: int, split: str, pad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [i for c, _ in convs for i in c]
+        mask = [b for _, m in convs for b in m]
+        if pad and len(ids) < T + 1:
+            ids, mask = ids + [0] * (T + 1 - len(ids)), mask + [False] * (T + 1 - len(mask))
+        n = (len(ids) - 1) // T
+        if n < 1:
+            raise DataError(f"the {split} conversations hold {len(ids)} tokens, fewer than one window of {T + 1}; "
+                            "add conversations or lower data.block_size")
+        x = torch.tensor(ids[: n * T + 1])
+        y = torch.where(torch.tensor(mask[: n * T + 1]), x, torch.full_like(x, -100))
+        rows = torch.arange(n)[:, None] * T + torch.arange(T + 1)  # (n, T + 1) windows, one token overlapping
+        xs, ys = x[rows][:, :-1], y[rows][:, 1:]
+        keep = (ys != -100).any(dim=1)  # a window without an assistant token teaches nothing
+        if not keep.any():
+            raise DataError(f"no {split} window holds an assistant token")
+        return xs[keep], ys[keep]
+
+    def train_batch(self, batch_size: int, generator: torch.Generator):
+        ix = torch.randint(len(self.train[0]), (batch_size,), generator=generator)
+        return self.train[0][ix], self.train[1][ix]
+
+    def eval_batches(self, batch_size: int, max_batches: int | None = None, **_) -> list:
+        xs, ys = self.val
+        out = [(xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, len(xs), batch_size)]
+        return out[:max_batches] if max_batches else out

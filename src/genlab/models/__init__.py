@@ -68,9 +68,9 @@ class NextTokenLM:
 
     def loss(self, batch) -> StepOutput:
         x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
-        return StepOutput(loss, {}, n_items=y.numel())
+        logits = self(x)  # targets of -100 (a chat fine-tune's prompt tokens) are not scored
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), ignore_index=-100)
+        return StepOutput(loss, {}, n_items=int((y != -100).sum()))
 
     @torch.no_grad()
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:

@@ -169,8 +169,13 @@ def fit(
     seed: int = 0,
     resume: bool = False,
     callbacks=(),
+    write_weights=None,
 ) -> FitResult:
-    """Train `model` on `data` (a BatchSource) under `cfg`. With `run_dir`, checkpoints go there."""
+    """Train `model` on `data` (a BatchSource) under `cfg`. With `run_dir`, checkpoints go there.
+
+    A model with frozen parameters (a LoRA fine-tune) checkpoints only the parameters that train: the frozen
+    ones come from its base. `write_weights(run_dir, model)` replaces the default weights file (model.safetensors),
+    e.g. with an adapter folder."""
     run_dir = Path(run_dir) if run_dir is not None else None
     if any(getattr(m, "quantized", False) for m in model.modules()):
         raise ConfigError("this model has quantized weights (int8/int4): they are for inference and cannot be "
@@ -186,7 +191,7 @@ def fit(
         torch.manual_seed(seed)
         if isinstance(model, HasClosedFormFit):
             return _fit_closed_form(model, data, cfg, run_dir, callbacks)
-        return _fit_gradient(model, data, cfg, run_dir, seed, resume, callbacks)
+        return _fit_gradient(model, data, cfg, run_dir, seed, resume, callbacks, write_weights)
 
 
 def _fit_closed_form(model, data, cfg, run_dir, callbacks) -> FitResult:
@@ -208,8 +213,17 @@ def _fit_closed_form(model, data, cfg, run_dir, callbacks) -> FitResult:
     return FitResult(1, elapsed, None, val, "closed_form", [rec], loss_unit(model))
 
 
-def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callbacks) -> FitResult:
+def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callbacks, write_weights=None) -> FitResult:
     model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise ConfigError(f"{type(model).__name__} has no trainable parameter (all are frozen)")
+    partial = len(trainable) < len(dict(model.named_parameters()))
+
+    def model_state():  # a frozen base is not checkpointed: only what trains
+        sd = model.state_dict()
+        return {k: v for k, v in sd.items() if k in trainable} if partial else sd
+
     custom = isinstance(model, HasCustomStep)
     if custom and cfg.grad_accum != 1:
         raise ConfigError(f"train.grad_accum={cfg.grad_accum}: {type(model).__name__} makes its own update steps; "
@@ -228,7 +242,9 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
     if resume:
         state = ckpt.load_trainer_state(run_dir / ckpt.TRAINER_STATE)
         try:
-            model.load_state_dict(state["model"])
+            if partial and set(state["model"]) != trainable:
+                raise KeyError("the checkpoint holds other trainable parameters than this model")
+            model.load_state_dict(state["model"], strict=not partial)
             if set(state["optimizers"]) != set(opts):
                 raise KeyError(f"optimizers {sorted(state['optimizers'])} != {sorted(opts)}")
             for k, o in opts.items():
@@ -265,7 +281,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
             {
                 "step": step,
                 "elapsed_s": elapsed,
-                "model": model.state_dict(),
+                "model": model_state(),
                 "optimizers": {k: o.state_dict() for k, o in opts.items()},
                 "ema": ema_model.state_dict() if ema_model is not None else {},
                 "data_rng": gen.get_state(),
@@ -274,7 +290,11 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                 "last_val": last_val,
             },
         )
-        ckpt.save_weights(run_dir / ckpt.WEIGHTS, ema_model if ema_model is not None else model)
+        best = ema_model if ema_model is not None else model
+        if write_weights is not None:
+            write_weights(run_dir, best)
+        else:
+            ckpt.save_weights(run_dir / ckpt.WEIGHTS, best)
         cb.call(callbacks, "on_checkpoint", step, run_dir)
 
     report = _Progress(cfg, budget_s, step, elapsed, loss_unit(model))

@@ -1,0 +1,175 @@
+"""LoRA: a frozen layer plus a trainable low-rank update, W x + (alpha / r) B A x (Hu et al. 2021, eq. 3).
+
+One mechanism for every family: `add_lora(model, targets=...)` wraps the Linear and Conv2d layers whose names
+match, in place. B starts at zero, so a fresh adapter leaves the model's outputs exactly as they were; A starts
+as peft initialises it (Kaiming-uniform), and the names (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`) are
+peft's, so adapters move between genlab and `peft` unchanged (adapt/lora.py). A wrapped Linear keeps its
+`weight` and `bias` under their own names (the same Parameter objects: tied weights stay tied, and the base
+checkpoint still loads); any other base layer (a quantized one: QLoRA-style) sits under `base_layer`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import ConfigError
+
+
+class LoRALinear(nn.Module):
+    """A Linear layer (or any layer mapping in_features -> out_features) plus B A, rank r, scaled alpha / r."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        if type(base) is nn.Linear:
+            self.weight, self.bias = base.weight, base.bias  # the same Parameters, frozen by add_lora
+            self.base_layer = None
+        else:
+            self.base_layer = base
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r  # rsLoRA: Kalajdzievski 2023
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.lora_A = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) if self.base_layer is None else self.base_layer(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.lora_A.weight.to(x.dtype)
+        b = self.lora_B.weight.to(x.dtype)
+        return self.base(x) + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
+
+    def delta(self) -> torch.Tensor:
+        """The update to the weight, (out, in)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def merged(self) -> nn.Linear:
+        if self.base_layer is not None:
+            raise ConfigError("an adapter on a quantized layer cannot be merged into it: merge into the "
+                              "full-precision run, then quantize")
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = self.weight  # keeps a tied weight tied: merging into it changes both of its uses
+        with torch.no_grad():
+            self.weight += self.delta().to(self.weight.dtype)
+        lin.bias = self.bias
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}"
+
+
+class LoRAConv2d(nn.Module):
+    """A Conv2d plus B A: A a convolution of the base's kernel into r channels, B a 1x1 back (peft's layout)."""
+
+    def __init__(self, base: nn.Conv2d, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if base.groups != 1:
+            raise ConfigError(f"LoRA on a grouped convolution (groups={base.groups}) is not supported")
+        self.base_layer = base
+        self.r, self.alpha = r, alpha
+        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.lora_A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                                bias=False)
+        self.lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def delta(self) -> torch.Tensor:
+        """The update to the kernel, (out, in, kh, kw): B (out, r, 1, 1) composed with A (r, in, kh, kw)."""
+        return torch.einsum("or,rikl->oikl", self.lora_B.weight[:, :, 0, 0], self.lora_A.weight) * self.scaling
+
+    def merged(self) -> nn.Conv2d:
+        with torch.no_grad():
+            self.base_layer.weight += self.delta().to(self.base_layer.weight.dtype)
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}"
+
+
+LORA_TYPES = (LoRALinear, LoRAConv2d)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    """peft's rule for a list: a pattern matches a module whose name is it or ends with "." + it; genlab also
+    takes shell wildcards (`*attn*`)."""
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _wrappable(m: nn.Module) -> bool:
+    return type(m) in (nn.Linear, nn.Conv2d) or (getattr(m, "quantized", False) and hasattr(m, "in_features"))
+
+
+def add_lora(model: nn.Module, targets: list[str] | str, *, r: int = 8, alpha: float = 16.0,
+             dropout: float = 0.0, rslora: bool = False) -> list[str]:
+    """Wrap the layers of `model` whose names match `targets` (a list of names/suffixes/wildcards as peft's
+    target_modules, or one regular expression as a string), freeze everything else; returns the wrapped names."""
+    if not isinstance(r, int) or r < 1:
+        raise ConfigError(f"LoRA rank r={r!r} must be an integer >= 1")
+    if alpha <= 0:
+        raise ConfigError(f"LoRA alpha={alpha} must be > 0")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"LoRA dropout={dropout} must be in [0, 1)")
+    if isinstance(targets, str):
+        try:
+            rx = re.compile(targets)
+        except re.error as e:
+            raise ConfigError(f"LoRA target pattern {targets!r} is not a regular expression ({e})") from None
+        hit = lambda n: rx.fullmatch(n) is not None
+    else:
+        hit = lambda n: _matches(n, list(targets))
+    names = [n for n, m in model.named_modules() if n and hit(n) and _wrappable(m)]
+    if not names:
+        layers = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _wrappable(m)})
+        raise ConfigError(f"LoRA targets {targets!r} match no Linear or Conv2d layer of {type(model).__name__}; "
+                          f"its layer names end in: {', '.join(layers)}")
+    model.requires_grad_(False)
+    for n in names:
+        m = model.get_submodule(n)
+        if isinstance(m, LORA_TYPES):
+            raise ConfigError(f"{n} already has an adapter")
+        cls = LoRAConv2d if type(m) is nn.Conv2d else LoRALinear
+        wrapped = cls(m, r, alpha, dropout, rslora)
+        ref = m.weight if hasattr(m, "weight") and isinstance(m.weight, nn.Parameter) else None
+        if ref is not None:
+            wrapped.to(device=ref.device)
+        _set(model, n, wrapped)
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LORA_TYPES)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors only: `<layer>.lora_A.weight`, `<layer>.lora_B.weight`."""
+    out = {}
+    for n, m in lora_layers(model).items():
+        out[f"{n}.lora_A.weight"] = m.lora_A.weight.detach()
+        out[f"{n}.lora_B.weight"] = m.lora_B.weight.detach()
+    return out
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and put the plain layers back (in place)."""
+    for n, m in lora_layers(model).items():
+        _set(model, n, m.merged())
+    return model
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)

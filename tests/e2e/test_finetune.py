@@ -1,0 +1,86 @@
+"""`genlab finetune` and `genlab merge` as a user runs them: a LoRA adapter beside its base that lowers the
+held-out loss on the new text, generation with `--adapter`, merging to a run with the same outputs, a full
+fine-tune to a new run, and one-line errors for bad requests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import run_cli, write_config
+
+STYLE = "My love is like a rose that blooms in May, and fades at dusk.\nSONNET: " * 400  # characters the base knows
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from genlab import api
+
+    d = tmp_path_factory.mktemp("ft")
+    # a base that has learned the characters (~3 s): LoRA adapts what the frozen weights can already express
+    run_dir, _ = api.train(write_config(d / "llama.toml", name="llama", family="llama",
+                                        train={"max_steps": 300, "lr": 3e-3}))
+    (d / "style.txt").write_text(STYLE)
+    return run_dir, d / "style.txt"
+
+
+def test_lora_finetune_generate_and_merge(base, tmp_path):
+    from genlab import api
+
+    run_dir, text = base
+    p = run_cli("finetune", run_dir, text, "--name", "sonnets", "--rank", "4", "--compare", "--set", "block_size=32",
+                "--set", "train.max_steps=100", "--set", "train.lr=1e-2", "--set", "train.progress=false", check=True)
+    folder = run_dir / "adapters" / "sonnets"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {f.name for f in folder.iterdir()}
+    assert not (folder / "model.safetensors").exists()  # the base is not copied
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and "q_proj" in cfg["target_modules"]
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("fine-tuned"))
+    after, before = (float(v.split()[0]) for v in line.split("held-out loss ")[1].split("(before: "))
+    assert after < 0.6 * before, line  # the adapter learned the new text
+    p = run_cli("generate", run_dir, "--adapter", "sonnets", "--prompt", "SONNET", "--max-new-tokens", "40",
+                "--temperature", "0", check=True)
+    assert "love" in p.stdout or "rose" in p.stdout, p.stdout
+    run_cli("merge", run_dir, "sonnets", tmp_path / "merged", check=True)
+    with_adapter, merged = api.load(run_dir, adapter="sonnets"), api.load(tmp_path / "merged")
+    x = torch.randint(0, merged.model.config.vocab_size, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(with_adapter.model(x), merged.model(x), atol=1e-5)
+        assert not torch.allclose(api.load(run_dir).model(x), merged.model(x), atol=1e-3)
+
+
+def test_full_finetune_writes_a_new_run(base, tmp_path):
+    from genlab import api
+
+    run_dir, text = base
+    out = tmp_path / "full"
+    run_cli("finetune", run_dir, text, "--method", "full", "--out", out, "--set", "block_size=32",
+            "--set", "train.max_steps=20", "--set", "train.lr=1e-3", "--set", "train.progress=false", check=True)
+    run = api.load(out)
+    before = api.evaluate_loss_on(run_dir, text, ["block_size=32"])
+    assert api.evaluate_loss_on(run, text, ["block_size=32"]) < before
+    assert (out / "tokenizer.json").read_text() == (run_dir / "tokenizer.json").read_text()
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--rank", "0"], "rank must be an integer >= 1"),
+    (["--targets", "qkv_proj"], "match no Linear or Conv2d layer"),
+    (["--method", "full"], "give its folder (--out"),
+    (["--set", "train.lr=-1"], "train.lr"),
+])
+def test_bad_finetune_requests_are_one_line(base, args, says):
+    run_dir, text = base
+    p = run_cli("finetune", run_dir, text, "--name", "bad", "--set", "train.max_steps=1", *args)
+    assert p.returncode != 0 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_chat_data_needs_a_chat_model_and_adapters_are_named(base, tmp_path):
+    run_dir, _ = base
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    p = run_cli("finetune", run_dir, chat, "--set", "train.max_steps=1")
+    assert p.returncode != 0 and "has no chat template" in p.stderr
+    p = run_cli("generate", run_dir, "--adapter", "nope", "--max-new-tokens", "5")
+    assert p.returncode != 0 and "adapter 'nope' not found" in p.stderr
