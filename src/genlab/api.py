@@ -822,6 +822,9 @@ def _evaluate_images(run: Run, max_images: int | None, iwae_k: int, batch_size: 
 # ---------------------------------------------------------------- adapting: fine-tuning, LoRA, merging
 
 
+FULL_LR = 5e-5  # full fine-tuning's default learning rate (LoRA's is train.lr's default, 1e-3)
+
+
 @dataclass
 class FinetuneConfig:
     """A fine-tune as data: `--set` overrides any field (`r=16`, `train.lr=1e-4`, `block_size=512`)."""
@@ -832,11 +835,11 @@ class FinetuneConfig:
     dropout: float = 0.05  # on the adapter's input
     rslora: bool = False  # scale alpha / sqrt(r) (Kalajdzievski 2023)
     targets: list = field(default_factory=list)  # layer names/suffixes/wildcards; [] = the family's default
-    block_size: int = 256  # tokens per training window (at most the base's context)
+    block_size: int = 128  # tokens per training window (at most the base's context)
     val_fraction: float = 0.1
     seed: int = 1337
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=100, batch_size=8, lr=2e-4, warmup_steps=10, weight_decay=0.0, eval_every=50, eval_batches=10,
+        max_steps=100, batch_size=4, lr=1e-3, warmup_steps=10, weight_decay=0.0, eval_every=50, eval_batches=10,
         checkpoint_every=100, min_lr_ratio=0.1))
 
     def validate(self):
@@ -891,6 +894,8 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
 
     d = to_dict(config or FinetuneConfig())
     apply_overrides(d, list(overrides))
+    if d["method"] == "full" and config is None and not any(o.split("=")[0].strip() == "train.lr" for o in overrides):
+        d["train"]["lr"] = FULL_LR  # every weight moves: a LoRA learning rate would wreck the base
     fc = from_dict(FinetuneConfig, d)
     run = _as_run(base)
     if run.family not in ("gpt", "llama"):
