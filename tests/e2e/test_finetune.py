@@ -31,7 +31,8 @@ def test_lora_finetune_generate_and_merge(base, tmp_path):
 
     run_dir, text = base
     p = run_cli("finetune", run_dir, text, "--name", "sonnets", "--rank", "4", "--compare", "--set", "block_size=32",
-                "--set", "train.max_steps=100", "--set", "train.lr=1e-2", "--set", "train.progress=false", check=True)
+                "--set", "train.max_steps=150", "--set", "train.lr=1e-2", "--set", "train.batch_size=8",
+                "--set", "train.progress=false", check=True)
     folder = run_dir / "adapters" / "sonnets"
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {f.name for f in folder.iterdir()}
     assert not (folder / "model.safetensors").exists()  # the base is not copied
