@@ -887,7 +887,8 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
              callbacks=()) -> tuple[Path, FitResult]:
     """Adapt a gpt or llama run to `data` through the one `fit` loop. LoRA (the default) freezes the base and
     writes only the adapter, to `base/adapters/<name>/` in peft's format; `method="full"` trains every weight
-    and writes a new run to `out`. Returns the folder written and the fit result."""
+    and writes a new run to `out`. Returns the folder written and the fit result. A Run given as `base` is
+    changed in place (its model carries the adapter, or the new weights, afterwards)."""
     from .adapt import lora as lora_io
     from .adapt.quantize import is_quantized
     from .nn.lora import add_lora

@@ -85,3 +85,22 @@ def test_chat_data_needs_a_chat_model_and_adapters_are_named(base, tmp_path):
     assert p.returncode != 0 and "has no chat template" in p.stderr
     p = run_cli("generate", run_dir, "--adapter", "nope", "--max-new-tokens", "5")
     assert p.returncode != 0 and "adapter 'nope' not found" in p.stderr
+
+
+def test_lora_over_an_int8_run(base, tmp_path):
+    """QLoRA-style: the frozen base is the int8 run, the adapter trains in fp32 and is used on that base."""
+    from genlab import api
+
+    run_dir, text = base
+    q = tmp_path / "int8"
+    run_cli("quantize", run_dir, q, check=True)
+    p = run_cli("finetune", q, text, "--name", "q", "--rank", "4", "--compare", "--set", "block_size=32",
+                "--set", "train.max_steps=60", "--set", "train.lr=1e-2", "--set", "train.batch_size=8",
+                "--set", "train.progress=false", check=True)
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("fine-tuned"))
+    after, before = (float(v.split()[0]) for v in line.split("held-out loss ")[1].split("(before: "))
+    assert after < 0.8 * before, line
+    run = api.load(q, adapter="q")
+    assert api.generate(run, "My love", max_new_tokens=10, temperature=0)[0]
+    p = run_cli("merge", q, "q", tmp_path / "m")
+    assert p.returncode != 0 and "quantized" in p.stderr

@@ -177,7 +177,8 @@ def fit(
     ones come from its base. `write_weights(run_dir, model)` replaces the default weights file (model.safetensors),
     e.g. with an adapter folder."""
     run_dir = Path(run_dir) if run_dir is not None else None
-    if any(getattr(m, "quantized", False) for m in model.modules()):
+    if any(getattr(m, "quantized", False) for m in model.modules()) and \
+            any(p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n):  # LoRA over it may train
         raise ConfigError("this model has quantized weights (int8/int4): they are for inference and cannot be "
                           "trained; train or fine-tune the full-precision run, then quantize it")
     cfg = dataclasses.replace(cfg, precision=runtime.resolve_precision(cfg.precision))
