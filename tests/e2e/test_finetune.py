@@ -43,7 +43,11 @@ def test_lora_finetune_generate_and_merge(base, tmp_path):
     assert after < 0.6 * before, line  # the adapter learned the new text
     p = run_cli("generate", run_dir, "--adapter", "sonnets", "--prompt", "SONNET", "--max-new-tokens", "40",
                 "--temperature", "0", check=True)
-    assert "love" in p.stdout or "rose" in p.stdout, p.stdout
+    plain = run_cli("generate", run_dir, "--prompt", "SONNET", "--max-new-tokens", "40", "--temperature", "0",
+                    check=True)
+    assert p.stdout != plain.stdout  # the adapter is on
+    assert any(w in p.stdout for w in ("love", "rose", "looms", "May", "fades", "dusk")), \
+        p.stdout  # and writes pieces of the new text's words (a tiny model: not whole lines)
     run_cli("merge", run_dir, "sonnets", tmp_path / "merged", check=True)
     with_adapter, merged = api.load(run_dir, adapter="sonnets"), api.load(tmp_path / "merged")
     x = torch.randint(0, merged.model.config.vocab_size, (2, 32))
