@@ -823,6 +823,7 @@ def _evaluate_images(run: Run, max_images: int | None, iwae_k: int, batch_size: 
 
 
 FULL_LR = 5e-5  # full fine-tuning's default learning rate (LoRA's is train.lr's default, 1e-3)
+IMAGE_BATCH = 32  # an image run's default batch (a language model's is train.batch_size's default, 4 windows)
 
 
 @dataclass
@@ -863,6 +864,8 @@ def _finetune_data(run: Run, data: str | Path, block_size: int, val_fraction: fl
     from .data.chat import ChatData, encode_conversation, read_chat_jsonl
 
     p = Path(str(data))
+    if run.modality == "image":
+        return _finetune_images(run, data, val_fraction)
     if p.suffix == ".jsonl":
         template = run.chat_template()
         if template is None:
@@ -882,10 +885,30 @@ def _finetune_data(run: Run, data: str | Path, block_size: int, val_fraction: fl
     return data_
 
 
+def _finetune_images(run: Run, data: str | Path, val_fraction: float) -> ImageData:
+    """An image source for an image run: converted to the run's channels and resized to its size; a
+    class-conditional run needs labels, as many classes as it has (class i of the new data takes label i)."""
+    c = run.model.config
+    p = Path(str(data))
+    fields = {"source": "images", "path": str(p)} if p.exists() else {"source": str(data)}
+    cfg = DataConfig(**fields, val_fraction=val_fraction, channels=c.channels, image_size=c.image_size, resize=True)
+    cfg.validate()
+    if cfg.kind != "image":
+        raise ConfigError(f"{run.path} is an image model ({run.family}); {data} is text: give an image folder, an "
+                          ".npz/.npy array or a built-in image source")
+    images = load_images(cfg)
+    want = getattr(c, "num_classes", 0)
+    if want and images.num_classes != want:
+        raise ConfigError(f"{run.path} is conditioned on {want} classes but {data} has "
+                          f"{images.num_classes or 'no'} classes: fine-tune it on data with {want} labelled classes")
+    return images
+
+
 def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = None, out: str | Path | None = None,
              config: FinetuneConfig | None = None, overrides: list[str] = (), overwrite: bool = False,
              callbacks=()) -> tuple[Path, FitResult]:
-    """Adapt a gpt or llama run to `data` through the one `fit` loop. LoRA (the default) freezes the base and
+    """Adapt a run to `data` through the one `fit` loop (a language model to text or chat data, an image model to
+    images of the same kind). LoRA (the default) freezes the base and
     writes only the adapter, to `base/adapters/<name>/` in peft's format; `method="full"` trains every weight
     and writes a new run to `out`. Returns the folder written and the fit result. A Run given as `base` is
     changed in place (its model carries the adapter, or the new weights, afterwards)."""
@@ -897,11 +920,15 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
     apply_overrides(d, list(overrides))
     if d["method"] == "full" and config is None and not any(o.split("=")[0].strip() == "train.lr" for o in overrides):
         d["train"]["lr"] = FULL_LR  # every weight moves: a LoRA learning rate would wreck the base
-    fc = from_dict(FinetuneConfig, d)
     run = _as_run(base)
-    if run.family not in ("gpt", "llama"):
-        raise ConfigError(f"genlab finetune adapts language models (gpt, llama); {run.path} is {run.family!r}")
-    block = min(fc.block_size, run.model.context_size)
+    if run.modality == "image" and config is None and not any(o.split("=")[0].strip() == "train.batch_size"
+                                                               for o in overrides):
+        d["train"]["batch_size"] = IMAGE_BATCH  # images are small: the text default (4 windows) is too few
+    fc = from_dict(FinetuneConfig, d)
+    if isinstance(run.model, HasClosedFormFit):
+        raise ConfigError(f"{run.path} is a {run.family} model, counted in closed form: there are no weights to "
+                          "fine-tune; train it again on the new data")
+    block = min(fc.block_size, getattr(run.model, "context_size", fc.block_size))
     if fc.method == "full":
         if is_quantized(run.model):
             raise ConfigError(f"{run.path} is quantized: full fine-tuning needs the full-precision run (LoRA can "
@@ -922,8 +949,10 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
     targets = list(fc.targets) or lora_io.default_targets(run.family, model)
     if fc.method == "lora":
         names = add_lora(model, targets, r=fc.r, alpha=fc.alpha, dropout=fc.dropout, rslora=fc.rslora)
-        log.info("LoRA r=%d on %d layers (%s); %s trainable parameters of %s", fc.r, len(names),
-                 ", ".join(targets), f"{num_params(model):,}", f"{sum(p.numel() for p in model.parameters()):,}")
+        shown = ", ".join(targets) if len(targets) <= 8 else f"{len(targets)} named layers"
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("LoRA r=%d on %d layers (%s): %s trainable parameters, %.2f%% of the model", fc.r, len(names), shown,
+                 f"{trainable:,}", 100 * trainable / sum(p.numel() for p in model.parameters()))
 
         def write(folder, m):
             lora_io.save_adapter(m, folder, r=fc.r, alpha=fc.alpha, dropout=fc.dropout, targets=targets,
@@ -935,7 +964,7 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
         shutil.rmtree(target)
     target.mkdir(parents=True, exist_ok=True)
     if fc.method == "full":
-        ckpt.write_model_config(target, run.family, config_dict(model.config))
+        ckpt.write_model_config(target, run.family, config_dict(model.config), class_names=run.class_names)
         for f in sorted(run.path.iterdir()):
             if f.name == ckpt.TOKENIZER or (f.name.startswith("hf_") and f.suffix == ".json"):
                 shutil.copyfile(f, target / f.name)
@@ -952,8 +981,12 @@ def evaluate_loss_on(run: Run | str | Path, data: str | Path, overrides: list[st
     apply_overrides(d, list(overrides))
     fc = from_dict(FinetuneConfig, d)
     run = _as_run(run)
-    data_ = _finetune_data(run, data, min(fc.block_size, run.model.context_size), fc.val_fraction)
-    with torch.no_grad():
+    data_ = _finetune_data(run, data, min(fc.block_size, getattr(run.model, "context_size", fc.block_size)),
+                           fc.val_fraction)
+    if run.modality == "image" and not any(o.split("=")[0].strip() == "train.batch_size" for o in overrides):
+        fc.train = dataclasses.replace(fc.train, batch_size=IMAGE_BATCH)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(fc.seed)  # the noise of a diffusion loss, drawn as the trainer's closing evaluation draws it
         return evaluate_loss(run.model, data_.eval_batches(fc.train.batch_size, fc.train.eval_batches))
 
 
@@ -990,7 +1023,7 @@ def merge(run: Run | str | Path, adapter: str | Path, out: str | Path, *, overwr
     load_adapter(run, adapter)
     model = merge_lora(run.model)
     with ckpt.replacing_folder(out) as tmp:
-        ckpt.write_model_config(tmp, run.family, config_dict(model.config))
+        ckpt.write_model_config(tmp, run.family, config_dict(model.config), class_names=run.class_names)
         ckpt.save_weights(tmp / ckpt.WEIGHTS, model, metadata={"merged_from": str(run.path), "adapter": str(adapter)})
         for f in sorted(run.path.iterdir()):
             if f.name in (ckpt.TOKENIZER, ckpt.TRAIN_CONFIG) or (f.name.startswith("hf_") and f.suffix == ".json"):

@@ -200,7 +200,7 @@ def _header(a, i):
 def cmd_sample(a) -> int:
     from . import api
 
-    run = api.load(a.run)
+    run = api.load(a.run, adapter=a.adapter)
     labels = _labels_arg(a.labels)
     diffusion = {"sampler": a.sampler, "steps": a.steps, "schedule": a.schedule, "guidance": a.guidance, "eta": a.eta,
                      "precision": a.precision}
@@ -411,7 +411,8 @@ def cmd_finetune(a) -> int:
     if a.method == "lora":
         size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors")
         print(f"adapter: {folder} ({size / 1e6:.2f} MB, peft format)")
-        print(f"use it: genlab generate {a.base} --adapter {folder.name} ...   or fold it in: genlab merge {a.base} "
+        verb = "sample" if base.modality == "image" else "generate"
+        print(f"use it: genlab {verb} {a.base} --adapter {folder.name} ...   or fold it in: genlab merge {a.base} "
               f"{folder.name} OUT")
     else:
         print(f"run: {folder}")
@@ -514,6 +515,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "models print texts.")
     s.add_argument("run", help="run folder, e.g. runs/fashion_flow")
     s.add_argument("-n", type=int, default=64, help="number of samples")
+    s.add_argument("--adapter", default=None, metavar="NAME", help="a LoRA adapter of the run, or an adapter folder")
     s.add_argument("--seed", type=int, default=None, help="same seed, same samples (default: random)")
     s.add_argument("--out", default=None, help="image file for the grid, its format from the suffix: .png, .jpg, "
                                                ".webp ... (image families; default: samples.png)")
@@ -595,15 +597,18 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an earlier run in `out`")
     q.set_defaults(fn=cmd_quantize)
 
-    f = sub.add_parser("finetune", help="adapt a gpt or llama run to your data (LoRA or full)", formatter_class=fmt,
-                       description="Fine-tune a language-model run through the same training loop. DATA: a text "
+    f = sub.add_parser("finetune", help="adapt a run to your data (LoRA or full)", formatter_class=fmt,
+                       description="Fine-tune a run through the same training loop. An image run takes images "
+                                   "(a folder, an .npz/.npy array or a built-in source such as mnist; converted "
+                                   "and resized to the run's). A language model takes DATA: a text "
                                    "file or folder, or a built-in text corpus (continued pre-training, style), or a "
                                    "chat JSONL ({\"messages\": [...]} or {\"prompt\", \"response\"} per line: the loss "
                                    "is on the assistant's tokens, laid out by the base's chat template). LoRA (the "
                                    "default) freezes the base and writes only an adapter, in peft's format, to "
                                    "BASE/adapters/NAME; --method full writes a whole new run to --out.")
-    f.add_argument("base", help="run folder of the base model, e.g. runs/smollm2")
-    f.add_argument("data", help="a .txt/.md file or folder, a chat .jsonl, or a built-in corpus (shakespeare)")
+    f.add_argument("base", help="run folder of the base model, e.g. runs/smollm2 or runs/fashion_mnist_diffusion")
+    f.add_argument("data", help="a .txt/.md file or folder, a chat .jsonl, a built-in corpus (shakespeare); for an "
+                                "image run, images (a folder, .npz, or mnist ...)")
     f.add_argument("--method", choices=["lora", "full"], default="lora", help="what trains")
     f.add_argument("--name", default="adapter", help="LoRA: the adapter's name under BASE/adapters/")
     f.add_argument("--out", default=None, help="full: the folder of the new run")

@@ -71,6 +71,7 @@ def test_conv_lora_merges_and_starts_at_the_base():
         unmerged = net(x)
         merge_lora(net)
         assert type(net[2]) is nn.Conv2d and torch.allclose(net(x), unmerged, atol=1e-5)
+        assert "0.weight" in net.state_dict()  # the base names are kept throughout
         assert not torch.allclose(unmerged, base)
 
 

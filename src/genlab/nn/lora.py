@@ -3,8 +3,8 @@
 One mechanism for every family: `add_lora(model, targets=...)` wraps the Linear and Conv2d layers whose names
 match, in place. B starts at zero, so a fresh adapter leaves the model's outputs exactly as they were; A starts
 as peft initialises it (Kaiming-uniform), and the names (`<layer>.lora_A.weight`, `<layer>.lora_B.weight`) are
-peft's, so adapters move between genlab and `peft` unchanged (adapt/lora.py). A wrapped Linear keeps its
-`weight` and `bias` under their own names (the same Parameter objects: tied weights stay tied, and the base
+peft's, so adapters move between genlab and `peft` unchanged (adapt/lora.py). A wrapped Linear or Conv2d keeps
+its `weight` and `bias` under their own names (the same Parameter objects: tied weights stay tied, and the base
 checkpoint still loads); any other base layer (a quantized one: QLoRA-style) sits under `base_layer`.
 """
 
@@ -68,36 +68,47 @@ class LoRALinear(nn.Module):
 
 
 class LoRAConv2d(nn.Module):
-    """A Conv2d plus B A: A a convolution of the base's kernel into r channels, B a 1x1 back (peft's layout)."""
+    """A Conv2d plus B A: A a convolution of the base's kernel into r channels, B a 1x1 back (peft's layout). The
+    base's `weight` and `bias` keep their names, as LoRALinear's do."""
 
     def __init__(self, base: nn.Conv2d, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        if base.groups != 1:
-            raise ConfigError(f"LoRA on a grouped convolution (groups={base.groups}) is not supported")
-        self.base_layer = base
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise ConfigError(f"LoRA on a convolution with groups={base.groups}, padding_mode={base.padding_mode!r} "
+                              "is not supported")
+        self.weight, self.bias = base.weight, base.bias
+        self.in_channels, self.out_channels = base.in_channels, base.out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = base.kernel_size, base.stride, base.padding, \
+            base.dilation
         self.r, self.alpha = r, alpha
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.lora_A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
-                                bias=False)
-        self.lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False)
+                                bias=False, device=base.weight.device)
+        self.lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False, device=base.weight.device)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        z = F.conv2d(self.lora_dropout(x), a, None, self.stride, self.padding, self.dilation)
+        return y + F.conv2d(z, b) * self.scaling
 
     def delta(self) -> torch.Tensor:
         """The update to the kernel, (out, in, kh, kw): B (out, r, 1, 1) composed with A (r, in, kh, kw)."""
         return torch.einsum("or,rikl->oikl", self.lora_B.weight[:, :, 0, 0], self.lora_A.weight) * self.scaling
 
     def merged(self) -> nn.Conv2d:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=self.bias is not None, device="meta")
+        conv.weight, conv.bias = self.weight, self.bias
         with torch.no_grad():
-            self.base_layer.weight += self.delta().to(self.base_layer.weight.dtype)
-        return self.base_layer
+            self.weight += self.delta().to(self.weight.dtype)
+        return conv
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}"
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, r={self.r}, alpha={self.alpha}"
 
 
 LORA_TYPES = (LoRALinear, LoRAConv2d)
