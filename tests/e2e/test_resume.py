@@ -18,6 +18,9 @@ from tests.conftest import run_cli
 
 TRAIN = {"max_steps": 40, "checkpoint_every": 1, "eval_every": 10, "log_every": 2, "precision": "fp32"}
 MODEL = {"dropout": 0.1}  # dropout draws from the global RNG: resume must restore it too
+# the same thread count in every process: "auto" follows the machine's load, and a matrix product split over
+# another number of threads may round differently, which bit-for-bit equality would catch
+ONE_THREAD = {**os.environ, "GENLAB_THREADS": "1"}
 
 
 def _weights(run):
@@ -34,7 +37,7 @@ def _val_losses(run):
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_matches_uninterrupted(tiny_config, tmp_path):
     ref_cfg = tiny_config(name="ref", train=TRAIN, model=MODEL)
-    run_cli("train", ref_cfg, cwd=tmp_path, check=True)
+    run_cli("train", ref_cfg, cwd=tmp_path, check=True, env={"GENLAB_THREADS": "1"})
     ref = tmp_path / "runs" / "ref"
 
     cfg = tiny_config(name="killed", train=TRAIN, model=MODEL)
@@ -44,7 +47,7 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted(tiny_config, tmp_pat
     for attempt in range(12):
         resume = (run / "trainer_state.pt").exists()
         args = [sys.executable, "-m", "genlab", "train", str(cfg)] + (["--resume"] if resume else ["--overwrite"])
-        proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ONE_THREAD)
         if attempt < 4:
             # wait until training is writing checkpoints (one per step), then kill at a random moment
             t0 = time.time()
