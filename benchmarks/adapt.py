@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _engines import rss_mb, run_worker  # benchmarks/_engines.py
+
 RESULTS = Path(__file__).parent / "results" / "adapt.json"
 THREADS = 2
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 class Batches:
@@ -169,15 +162,10 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--_worker", e, "--_args", json.dumps(args), "--steps", str(a.steps),
                    "--batch", str(a.batch), "--block", str(a.block), "--lr", str(a.lr), "--lr-full", str(a.lr_full),
                    "--minutes", str(a.minutes)]
-            p = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                               env={**os.environ, "GENLAB_THREADS": str(THREADS)})
-            if p.returncode != 0:
-                print(f"{e}: failed\n{p.stderr[-2000:]}")
-                rows.append({"engine": e, "error": p.stderr.strip().splitlines()[-1][:300]})
-                continue
-            r = json.loads(p.stdout.strip().splitlines()[-1])
+            r = run_worker(e, cmd, THREADS)
             rows.append(r)
-            print(json.dumps(r), flush=True)
+            if "error" not in r:
+                print(json.dumps(r), flush=True)
     by = {r["engine"]: r for r in rows}
     ratio = None
     if "tokens_per_s" in by.get("genlab-lora-r8", {}) and "tokens_per_s" in by.get("peft-lora-r8", {}):

@@ -14,27 +14,17 @@ from __future__ import annotations
 import argparse
 import bz2
 import json
-import os
 import re
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _engines import rss_mb, run_worker  # benchmarks/_engines.py
+
 PROMPT = "Once upon a time, in a small village,"
 RESULTS = Path(__file__).parent / "results" / "lm_pretrained.json"
 THREADS = 2
-
-
-def rss_mb() -> float:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss it does not carry the parent's peak over
-    fork + exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def texts(max_chars: int) -> dict[str, str]:
@@ -223,16 +213,11 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--_worker", e, "--_runs", json.dumps(runs),
                    "--new-tokens", str(a.new_tokens), "--bf16-tokens", str(a.bf16_tokens),
                    "--ppl-chars", str(a.ppl_chars), "--repeats", str(a.repeats)] + (["--_ppl"] if "bf16" not in e else [])
-            p = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                               env={**os.environ, "GENLAB_THREADS": str(THREADS)})
-            if p.returncode != 0:
-                print(f"{e}: failed\n{p.stderr[-2000:]}")
-                rows.append({"engine": e, "error": p.stderr.strip().splitlines()[-1][:300]})
-                continue
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            r["file_mb"] = sizes.get(e)
+            r = run_worker(e, cmd, THREADS)
             rows.append(r)
-            print(json.dumps(r))
+            if "error" not in r:
+                r["file_mb"] = sizes.get(e)
+                print(json.dumps(r))
     by = {r["engine"]: r for r in rows}
     tf = by.get("transformers-fp32", {}).get("batch1_tokens_per_s")
     lc = by.get("llama.cpp-Q4_1 (shipped)", {}).get("batch1_tokens_per_s")

@@ -858,6 +858,19 @@ class FinetuneConfig:
             raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 0.5)")
 
 
+def _finetune_config(run: Run, config: FinetuneConfig | None, overrides: list[str]) -> FinetuneConfig:
+    """`config` (or the defaults) with `overrides`; without a config, the defaults that depend on the run and the
+    method: full fine-tuning at FULL_LR, image runs in batches of IMAGE_BATCH, unless the overrides set them."""
+    d = to_dict(config or FinetuneConfig())
+    apply_overrides(d, list(overrides))
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    if config is None and d["method"] == "full" and "train.lr" not in given:
+        d["train"]["lr"] = FULL_LR  # every weight moves: a LoRA learning rate would wreck the base
+    if config is None and run.modality == "image" and "train.batch_size" not in given:
+        d["train"]["batch_size"] = IMAGE_BATCH  # images are small: the text default (4 windows) is too few
+    return from_dict(FinetuneConfig, d)
+
+
 def _finetune_data(run: Run, data: str | Path, block_size: int, val_fraction: float):
     """Chat/instruction JSONL -> ChatData (loss on assistant tokens); a text file, a folder of them or a built-in
     text corpus -> TokenData (continued pre-training, style)."""
@@ -916,15 +929,8 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
     from .adapt.quantize import is_quantized
     from .nn.lora import add_lora
 
-    d = to_dict(config or FinetuneConfig())
-    apply_overrides(d, list(overrides))
-    if d["method"] == "full" and config is None and not any(o.split("=")[0].strip() == "train.lr" for o in overrides):
-        d["train"]["lr"] = FULL_LR  # every weight moves: a LoRA learning rate would wreck the base
     run = _as_run(base)
-    if run.modality == "image" and config is None and not any(o.split("=")[0].strip() == "train.batch_size"
-                                                               for o in overrides):
-        d["train"]["batch_size"] = IMAGE_BATCH  # images are small: the text default (4 windows) is too few
-    fc = from_dict(FinetuneConfig, d)
+    fc = _finetune_config(run, config, overrides)
     if isinstance(run.model, HasClosedFormFit):
         raise ConfigError(f"{run.path} is a {run.family} model, counted in closed form: there are no weights to "
                           "fine-tune; train it again on the new data")
@@ -977,14 +983,10 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
 def evaluate_loss_on(run: Run | str | Path, data: str | Path, overrides: list[str] = ()) -> float:
     """The run's held-out loss on the split `finetune` holds out of `data` (same windows, same batches): the
     "before" of a fine-tune."""
-    d = to_dict(FinetuneConfig())
-    apply_overrides(d, list(overrides))
-    fc = from_dict(FinetuneConfig, d)
     run = _as_run(run)
+    fc = _finetune_config(run, None, overrides)
     data_ = _finetune_data(run, data, min(fc.block_size, getattr(run.model, "context_size", fc.block_size)),
                            fc.val_fraction)
-    if run.modality == "image" and not any(o.split("=")[0].strip() == "train.batch_size" for o in overrides):
-        fc.train = dataclasses.replace(fc.train, batch_size=IMAGE_BATCH)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(fc.seed)  # the noise of a diffusion loss, drawn as the trainer's closing evaluation draws it
         return evaluate_loss(run.model, data_.eval_batches(fc.train.batch_size, fc.train.eval_batches))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..core import checkpoint as ckpt
@@ -67,10 +67,9 @@ def save_adapter(model: nn.Module, folder: str | Path, *, r: int, alpha: float, 
         "layers_to_transform": None, "layers_pattern": None, "revision": None,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{WEIGHTS}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt", "genlab_family": family, "genlab_base": base})
-    tmp.replace(folder / WEIGHTS)
-    ckpt.atomic_write_json(folder / CONFIG, config)
+    meta = {"format": "pt", "genlab_family": family, "genlab_base": base}
+    ckpt.atomic_write_bytes(folder / WEIGHTS, save(state, metadata=meta))  # the weights first: a config never
+    ckpt.atomic_write_json(folder / CONFIG, config)  # stands without its tensors
     return folder
 
 
