@@ -27,6 +27,7 @@ from .data.tokenizers import Tokenizer, load_tokenizer, save_tokenizer, train_to
 from .models import MODELS, build_config, build_model, config_dict, config_from_saved, replace
 from .sampling.image import read_image, save_grid
 from .sampling.text import SamplingConfig, TextDelta, generate_text, stream_text
+from .training import distributed
 from .training.trainer import FitResult, TrainConfig, evaluate_loss, fit
 
 log = logging.getLogger(__name__)
@@ -180,12 +181,27 @@ def train(
     section = dict(rc.model)
     family = MODELS.get(section.get("family"))
     tokenizer = None
+    distributed.setup()  # under torchrun: join the other processes (training/distributed.py)
+    with distributed.main_first():  # rank 0 checks and prepares the run folder; the others then read it
+        model, data, callbacks = _prepare_training(rc, run_dir, section, family, tokenizer, resume, overwrite,
+                                                   list(callbacks))
+    result = fit(model, data, rc.train, run_dir=run_dir, seed=rc.seed, resume=resume, callbacks=callbacks)
+    if resume and distributed.is_main():  # the budget may have been extended
+        ckpt.atomic_write_json(run_dir / ckpt.TRAIN_CONFIG, to_dict(rc))
+    return run_dir, result
+
+
+def _prepare_training(rc, run_dir, section, family, tokenizer, resume, overwrite, callbacks):
+    main = distributed.is_main()
     if resume:
         saved = ckpt.read_json(run_dir / ckpt.TRAIN_CONFIG, "run's train config")
         if (run_dir / ckpt.CONFIG).is_file() and "quantization" in ckpt.read_model_config(run_dir):
             raise ConfigError(f"{run_dir} is a quantized run (inference only): it cannot be trained; resume the "
                               "full-precision run it was made from")
         _check_resume_compatible(saved, to_dict(rc))
+        if family.modality == "text":
+            tokenizer = load_tokenizer(run_dir / ckpt.TOKENIZER)
+    elif not main:  # rank 0 has made the folder: read its tokenizer rather than train another
         if family.modality == "text":
             tokenizer = load_tokenizer(run_dir / ckpt.TOKENIZER)
     elif run_dir.exists() and any(run_dir.iterdir()):
@@ -197,7 +213,6 @@ def train(
     if rc.train.threads and runtime.threads_from_env() is None:
         torch.set_num_threads(rc.train.threads)
     runtime.warn_if_loaded()
-    callbacks = list(callbacks)
     class_names = None
     if family.modality == "text":
         model_cfg0 = build_config({**section, "vocab_size": section.get("vocab_size", 1)})
@@ -218,7 +233,7 @@ def train(
         torch.manual_seed(rc.seed)
         model = build_model(model_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
+    if not resume and main:
         ckpt.atomic_write_json(run_dir / ckpt.TRAIN_CONFIG, to_dict(rc))
         if tokenizer is not None:
             save_tokenizer(tokenizer, run_dir / ckpt.TOKENIZER)
@@ -229,10 +244,7 @@ def train(
     else:
         log.info("training %s (%s, %s parameters) in %s", rc.name, model_cfg.family, f"{num_params(model):,}",
                  run_dir)
-    result = fit(model, data, rc.train, run_dir=run_dir, seed=rc.seed, resume=resume, callbacks=callbacks)
-    if resume:  # the budget may have been extended
-        ckpt.atomic_write_json(run_dir / ckpt.TRAIN_CONFIG, to_dict(rc))
-    return run_dir, result
+    return model, data, callbacks
 
 
 class _Preview:
@@ -931,6 +943,8 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
 
     run = _as_run(base)
     fc = _finetune_config(run, config, overrides)
+    distributed.setup()  # under torchrun: join the other processes; rank 0 writes the files
+    main = distributed.is_main()
     if isinstance(run.model, HasClosedFormFit):
         raise ConfigError(f"{run.path} is a {run.family} model, counted in closed form: there are no weights to "
                           "fine-tune; train it again on the new data")
@@ -943,18 +957,20 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
             raise ConfigError("a full fine-tune writes a new run: give its folder (--out runs/NAME)")
         from .adapt.hf import check_run_target
 
-        target = check_run_target(out, overwrite)
+        target = check_run_target(out, overwrite) if main else Path(out).resolve()
         if target == run.path.resolve():
             raise ConfigError("the fine-tuned run must go to another folder than its base")
     else:
         target = lora_io.adapter_dir(run.path, name or "adapter")
-        if target.exists() and any(target.iterdir()) and not overwrite:
+        if main and target.exists() and any(target.iterdir()) and not overwrite:
             raise ConfigError(f"adapter {target} exists; pass --overwrite to replace it or give another --name")
     data_ = _finetune_data(run, data, block, fc.val_fraction)
     model = run.model
     targets = list(fc.targets) or lora_io.default_targets(run.family, model)
     if fc.method == "lora":
-        names = add_lora(model, targets, r=fc.r, alpha=fc.alpha, dropout=fc.dropout, rslora=fc.rslora)
+        with torch.random.fork_rng(devices=[]):  # the seed fixes the adapter's initial A matrices
+            torch.manual_seed(fc.seed)
+            names = add_lora(model, targets, r=fc.r, alpha=fc.alpha, dropout=fc.dropout, rslora=fc.rslora)
         shown = ", ".join(targets) if len(targets) <= 8 else f"{len(targets)} named layers"
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         log.info("LoRA r=%d on %d layers (%s): %s trainable parameters, %.2f%% of the model", fc.r, len(names), shown,
@@ -966,15 +982,18 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
     else:
         model.requires_grad_(True)
         write = None
-    if overwrite and target.exists():
-        shutil.rmtree(target)
-    target.mkdir(parents=True, exist_ok=True)
-    if fc.method == "full":
-        ckpt.write_model_config(target, run.family, config_dict(model.config), class_names=run.class_names)
-        for f in sorted(run.path.iterdir()):
-            if f.name == ckpt.TOKENIZER or (f.name.startswith("hf_") and f.suffix == ".json"):
-                shutil.copyfile(f, target / f.name)
-    ckpt.atomic_write_json(target / "finetune_config.json", {**to_dict(fc), "base": str(run.path), "data": str(data)})
+    if main:
+        if overwrite and target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True, exist_ok=True)
+        if fc.method == "full":
+            ckpt.write_model_config(target, run.family, config_dict(model.config), class_names=run.class_names)
+            for f in sorted(run.path.iterdir()):
+                if f.name == ckpt.TOKENIZER or (f.name.startswith("hf_") and f.suffix == ".json"):
+                    shutil.copyfile(f, target / f.name)
+        ckpt.atomic_write_json(target / "finetune_config.json",
+                               {**to_dict(fc), "base": str(run.path), "data": str(data)})
+    distributed.barrier()
     result = fit(model, data_, fc.train, run_dir=target, seed=fc.seed, callbacks=callbacks, write_weights=write)
     model.eval()
     return target, result
@@ -1030,4 +1049,52 @@ def merge(run: Run | str | Path, adapter: str | Path, out: str | Path, *, overwr
         for f in sorted(run.path.iterdir()):
             if f.name in (ckpt.TOKENIZER, ckpt.TRAIN_CONFIG) or (f.name.startswith("hf_") and f.suffix == ".json"):
                 shutil.copyfile(f, tmp / f.name)
+    return out
+
+
+DEFAULT_TEMPLATES = ("zero_shot", "few_shot", "few_shot_similar", "chain_of_thought")
+
+
+def prompt_eval(run: Run | str | Path, task: str | Path, templates=DEFAULT_TEMPLATES, *, limit: int | None = None,
+                seed: int = 0, adapter: str | Path | None = None, scorings: tuple[str, ...] | None = None,
+                embedder=None) -> list:
+    """Score prompting templates on a task (`genlab.eval.prompting`): each template's share of the task's test
+    items answered right, greedy, under each scoring (exact and contains; numeric too for a numeric task). `task` is
+    a built-in task (capitals, antonyms) or a JSONL of {"input", "target"}; `templates` built-in names or TOML
+    files. With `adapter`, the LoRA adapter is folded into the weights in memory first (the files are untouched).
+    Returns a list of `TemplateResult`s."""
+    from .adapt.quantize import is_quantized
+    from .data.tasks import load_task
+    from .eval import prompting
+    from .nn.lora import merge_lora
+
+    run = _as_run(run)
+    if run.tokenizer is None or run.modality != "text":
+        raise ConfigError(f"{run.path} is not a language-model run: prompting needs one")
+    tpls = [prompting.load_template(t) for t in ([templates] if isinstance(templates, (str, Path)) else templates)]
+    t = load_task(task)
+    if adapter is not None:
+        load_adapter(run, adapter)
+        if not is_quantized(run.model):  # a merged layer decodes on the fast path
+            merge_lora(run.model)
+    scorings = tuple(scorings) if scorings else ("exact", "contains") + (("numeric",) if t.scoring == "numeric" else ())
+    for s in scorings:
+        if s not in prompting.SCORINGS:
+            raise ConfigError(f"scoring {s!r} must be one of {', '.join(prompting.SCORINGS)}")
+    template = run.chat_template()
+    eos = run.eos_ids()
+    for tok in template.stop_tokens() if template is not None else []:
+        i = run.tokenizer._tok.token_to_id(tok)
+        if i is not None and i not in eos:
+            eos.append(i)
+    if embedder is None and any(p.select == "similar" and p.k for p in tpls):
+        embedder = prompting.Embedder()
+    run.model.eval()
+    out = []
+    for p in tpls:
+        res = prompting.evaluate_template(run.model, run.tokenizer, template, eos, t, p, limit=limit, seed=seed,
+                                          embedder=embedder, scorings=scorings)
+        log.info("%s / %s: %s (%d items, %.0f s)", t.name, p.name,
+                 ", ".join(f"{k} {v:.2f}" for k, v in res.scores.items()), res.n, res.seconds)
+        out.append(res)
     return out

@@ -30,6 +30,11 @@ def cmd_train(a) -> int:
         raise ConfigError("give a config (genlab train configs/gpt/shakespeare_char.toml) or a run folder to "
                           "resume (genlab train --resume runs/NAME)")
     run_dir, res = api.train(config, a.set, resume=resume, overwrite=a.overwrite)
+    from .training import distributed
+
+    if not distributed.is_main():  # under torchrun rank 0 reports
+        return 0
+    procs = f" on {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
     val = f"; held-out loss {format_loss(res.val_loss, res.loss_unit)}" if res.val_loss is not None else ""
     if res.stopped_by == "closed_form":
         run = api.load(run_dir)
@@ -38,7 +43,7 @@ def cmd_train(a) -> int:
     else:
         why = {"max_steps": "train.max_steps", "max_minutes": "the train.max_minutes budget"}.get(res.stopped_by,
                                                                                               res.stopped_by)
-        print(f"trained {run_dir}: {res.step:,} steps in {res.elapsed_s:.1f} s (stopped by {why}){val}")
+        print(f"trained {run_dir}{procs}: {res.step:,} steps in {res.elapsed_s:.1f} s (stopped by {why}){val}")
     return 0
 
 
@@ -404,6 +409,10 @@ def cmd_finetune(a) -> int:
     t0 = time.perf_counter()
     before = api.evaluate_loss_on(base, a.data, overrides) if a.compare else None
     folder, res = api.finetune(base, a.data, name=a.name, out=a.out, overrides=overrides, overwrite=a.overwrite)
+    from .training import distributed
+
+    if not distributed.is_main():  # under torchrun rank 0 reports
+        return 0
     val = f"; held-out loss {format_loss(res.val_loss, res.loss_unit)}" if res.val_loss is not None else ""
     if before is not None:
         val += f" (before: {format_loss(before, res.loss_unit)})"
@@ -424,6 +433,48 @@ def cmd_merge(a) -> int:
 
     out = api.merge(a.run, a.adapter, a.out, overwrite=a.overwrite)
     print(f"merged adapter {a.adapter} into {a.run}: {out} (a full run: generate, chat, export, quantize use it)")
+    return 0
+
+
+def cmd_prompt(a) -> int:
+    from . import api
+    from .core.checkpoint import atomic_write_json
+    from .data.tasks import BUILTIN, load_task, write_task
+    from .eval.prompting import list_templates, table
+
+    if a.list:
+        print("templates (built-in; or a TOML file): " + ", ".join(list_templates()))
+        for name in BUILTIN:
+            try:
+                print(f"task {name}: {load_task(name).about}")
+            except GenlabError as e:
+                print(f"task {name}: not available ({e})")
+        return 0
+    if a.write_tasks:
+        for name in a.task or list(BUILTIN):
+            for f in write_task(load_task(name), a.write_tasks):
+                print(f"wrote {f}")
+        return 0
+    if a.run is None:
+        raise ConfigError("give a language-model run (genlab prompt runs/smollm2 --task capitals), or --list")
+    templates = a.template.split(",") if a.template else list(api.DEFAULT_TEMPLATES)
+    run = api.load(a.run)
+    results, adapter = [], a.adapter
+    for task in a.task or list(BUILTIN):
+        results += api.prompt_eval(run, task, templates, limit=a.limit, seed=a.seed, adapter=adapter,
+                                   scorings=a.scoring.split(",") if a.scoring else None)
+        adapter = None  # folded in once
+    name = Path(a.run).name + (f" + {Path(a.adapter).name}" if a.adapter else "")
+    print(table(results, name))
+    for r in results:
+        for row in r.items[: a.show]:
+            print(f"\n[{r.task} / {r.template}] {row['input']}\n  reply: {row['reply'].strip()[:300]!r}\n"
+                  f"  answer: {row['answer']!r}  gold: {row['answers']}  "
+                  + "  ".join(f"{s}: {'yes' if row[s] else 'no'}" for s in r.scores))
+    if a.out:
+        atomic_write_json(Path(a.out), {"run": str(a.run), "adapter": a.adapter,
+                                        "results": [r.as_dict() for r in results]})
+        print(f"\nper-item results: {a.out}")
     return 0
 
 
@@ -631,6 +682,26 @@ def _parser() -> argparse.ArgumentParser:
     mg.add_argument("--overwrite", action="store_true", help="replace an earlier run in `out`")
     mg.set_defaults(fn=cmd_merge)
 
+    pr = sub.add_parser("prompt", help="score prompting templates on a task (zero-shot, few-shot, chain of thought)",
+                        formatter_class=fmt, description=(
+                            "Each template's share of the task's test items answered right (greedy), as a table. "
+                            "Built-in tasks: capitals (countryinfo), antonyms (WordNet); or a JSONL of "
+                            '{"input", "target"} lines. Templates are TOML files (genlab prompt --list).'))
+    pr.add_argument("run", nargs="?", help="a language-model run folder")
+    pr.add_argument("--task", action="append", help="a built-in task or a JSONL file (repeatable; default: all built-in)")
+    pr.add_argument("--template", help="comma-separated template names or TOML files "
+                    "(default: zero_shot,few_shot,few_shot_similar,chain_of_thought)")
+    pr.add_argument("--limit", type=int, help="score only the first N test items")
+    pr.add_argument("--scoring", help="comma-separated: exact, contains, numeric (default: exact,contains)")
+    pr.add_argument("--adapter", help="a LoRA adapter of the run (its name or folder), folded in for the run")
+    pr.add_argument("--seed", type=int, default=0, help="the draw of random few-shot examples")
+    pr.add_argument("--show", type=int, default=0, help="print the first N replies of each template")
+    pr.add_argument("--out", help="write every item's reply and score to this JSON file")
+    pr.add_argument("--list", action="store_true", help="list the built-in templates and tasks")
+    pr.add_argument("--write-tasks", metavar="DIR", help="write the built-in tasks as JSONL (and their train items as "
+                    "chat JSONL for genlab finetune) to DIR")
+    pr.set_defaults(fn=cmd_prompt)
+
     m = sub.add_parser("import", help="import a pretrained model as a run", formatter_class=fmt,
                        description="Import a pretrained language model as a genlab run folder that genlab.load, "
                                    "generate and eval use: a local Hugging Face causal-LM folder (GPT-2 or Llama "
@@ -749,7 +820,11 @@ def main(argv: list[str] | None = None) -> int:
             runtime.check_threads(args.threads)
             os.environ[runtime.ENV] = str(args.threads)  # child processes (compare's trainings) follow it too
         runtime.configure_threads(announce=args.verb in ("train", "compare", "demo"))  # long jobs say so
-        return args.fn(args)
+        code = args.fn(args)
+        from .training import distributed
+
+        distributed.teardown()  # under torchrun: leave the process group together
+        return code
     except GenlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from ..core.errors import CheckpointError, ConfigError, TrainingDiverged
 from ..core.outputs import format_loss, loss_unit
 from ..core.protocols import HasClosedFormFit, HasCustomStep, HasStepSchedule
 from . import callbacks as cb
+from . import distributed
 from .optim import adamw, lr_at
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,12 @@ class FitResult:
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: list, precision: str = "fp32") -> float:
     """Mean held-out loss per item (token, pixel...) over fixed batches."""
+    total, n = _loss_sums(model, batches, precision)
+    return total / max(n, 1)
+
+
+@torch.no_grad()
+def _loss_sums(model: nn.Module, batches: list, precision: str) -> tuple[float, int]:
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
@@ -115,7 +122,7 @@ def evaluate_loss(model: nn.Module, batches: list, precision: str = "fp32") -> f
                 n += k
     finally:
         model.train(was_training)
-    return total / max(n, 1)
+    return total, n
 
 
 def _autocast(precision: str):
@@ -184,12 +191,15 @@ def fit(
     cfg = dataclasses.replace(cfg, precision=runtime.resolve_precision(cfg.precision))
     if resume and run_dir is None:
         raise ConfigError("resume needs a run folder")
-    if run_dir is not None:
+    if distributed.world_size() > 1 and isinstance(model, HasClosedFormFit):
+        raise ConfigError(f"{type(model).__name__} is counted in closed form in seconds: train it on one process "
+                          "(without torchrun)")
+    if run_dir is not None and distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         for stale in run_dir.glob(".*.tmp"):  # left by a process killed in the middle of a write
             stale.unlink(missing_ok=True)
     with torch.random.fork_rng(devices=[]):  # seed dropout without touching the caller's global RNG
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + distributed.rank())  # each process its own dropout masks
         if isinstance(model, HasClosedFormFit):
             return _fit_closed_form(model, data, cfg, run_dir, callbacks)
         return _fit_gradient(model, data, cfg, run_dir, seed, resume, callbacks, write_weights)
@@ -226,6 +236,10 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
         return {k: v for k, v in sd.items() if k in trainable} if partial else sd
 
     custom = isinstance(model, HasCustomStep)
+    world, main = distributed.world_size(), distributed.is_main()
+    if custom and world > 1:
+        raise ConfigError(f"{type(model).__name__} makes its own update steps with several optimizers, which "
+                          "DistributedDataParallel does not cover here: train it on one process (without torchrun)")
     if custom and cfg.grad_accum != 1:
         raise ConfigError(f"train.grad_accum={cfg.grad_accum}: {type(model).__name__} makes its own update steps; "
                           "use train.grad_accum=1 and a larger train.batch_size")
@@ -234,6 +248,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
     else:
         opts = {"model": adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))}
     scheduled = isinstance(model, HasStepSchedule)
+    step_loss = distributed.wrap(model) if world > 1 else model.loss  # DDP averages the gradients over processes
     ema_model = None
     if cfg.ema > 0:
         ema_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -253,7 +268,11 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
             if ema_model is not None:
                 ema_model.load_state_dict(state["ema"])
             gen.set_state(state["data_rng"])
-            torch.set_rng_state(state["torch_rng"])
+            rngs = state.get("torch_rng_ranks") or [state["torch_rng"]]
+            if len(rngs) != world:
+                log.warning("the run was saved by %d process(es) and resumes on %d: the global batch is now %d, and "
+                            "dropout draws new masks", len(rngs), world, world * cfg.batch_size)
+            torch.set_rng_state(rngs[distributed.rank()] if len(rngs) == world else rngs[0])
             step, elapsed = int(state["step"]), float(state["elapsed_s"])
             resumed_val = state.get("last_val")
         except (KeyError, RuntimeError, ValueError) as e:
@@ -261,9 +280,9 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                 f"{run_dir / ckpt.TRAINER_STATE} does not match this model/config ({str(e)[:200]})"
             ) from None
         log.info("resuming %s from step %d", run_dir, step)
-    metrics = _Metrics(run_dir / ckpt.METRICS if run_dir else None)
+    metrics = _Metrics(run_dir / ckpt.METRICS if run_dir and main else None)  # rank 0 writes, the others compute
     metrics.open(step if resume else None)
-    eval_batches = data.eval_batches(cfg.batch_size, cfg.eval_batches)
+    eval_batches = data.eval_batches(cfg.batch_size * world, cfg.eval_batches)  # global batches; ranks share them
     budget_s = cfg.max_minutes * 60
 
     def progress_of(step, elapsed):
@@ -275,7 +294,8 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
         return max(parts)
 
     def save(step, elapsed):
-        if run_dir is None:
+        rngs = distributed.gather(torch.get_rng_state())  # every rank's dropout stream, for an exact resume
+        if run_dir is None or not main:
             return
         ckpt.save_trainer_state(
             run_dir / ckpt.TRAINER_STATE,
@@ -286,7 +306,8 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                 "optimizers": {k: o.state_dict() for k, o in opts.items()},
                 "ema": ema_model.state_dict() if ema_model is not None else {},
                 "data_rng": gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
+                "torch_rng": rngs[0],
+                "torch_rng_ranks": rngs,
                 "train_config": to_dict(cfg),
                 "last_val": last_val,
             },
@@ -298,7 +319,8 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
             ckpt.save_weights(run_dir / ckpt.WEIGHTS, best)
         cb.call(callbacks, "on_checkpoint", step, run_dir)
 
-    report = _Progress(cfg, budget_s, step, elapsed, loss_unit(model))
+    report = _Progress(cfg, budget_s, step, elapsed, loss_unit(model), show=main)
+    callbacks = callbacks if main else ()  # previews, logs: rank 0 only
     history: list[dict[str, Any]] = []
     last_train, last_val, stopped_by = None, resumed_val, ""
     last_ckpt = step if resume else None
@@ -306,7 +328,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
     seg_start = time.perf_counter() - elapsed  # wall clock of this segment, offset by time already spent
     try:
         while True:
-            elapsed = time.perf_counter() - seg_start
+            elapsed = distributed.from_main(time.perf_counter() - seg_start)  # every rank stops at the same step
             if cfg.max_steps and step >= cfg.max_steps:
                 stopped_by = "max_steps"
                 break
@@ -329,18 +351,28 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                 last_train, items, gnorm = extra.get("loss", 0.0), len(batch[0]), 0.0
             else:
                 loss_sum, items, extra = 0.0, 0, {}
-                for _ in range(cfg.grad_accum):
-                    batch = data.train_batch(cfg.batch_size, gen)
-                    with _autocast(cfg.precision):
-                        out = model.loss(batch)
-                    loss_val = out.loss.item()
-                    if not _finite(loss_val):
-                        raise _diverged(loss_val, step, last_ckpt, run_dir)
-                    (out.loss / cfg.grad_accum).backward()
+                for micro in range(cfg.grad_accum):
+                    # every rank draws the same global batch and keeps its own rows (the distributed sampler)
+                    batch = distributed.shard(data.train_batch(cfg.batch_size * world, gen))
+                    sync = world == 1 or micro == cfg.grad_accum - 1  # DDP averages once, after the last micro-batch
+                    with contextlib.nullcontext() if sync else step_loss.no_sync():
+                        with _autocast(cfg.precision):
+                            out = step_loss(batch)
+                        loss_val = out.loss.item()
+                        if world == 1 and not _finite(loss_val):  # several ranks check the averaged loss below
+                            raise _diverged(loss_val, step, last_ckpt, run_dir)
+                        (out.loss / cfg.grad_accum).backward()
                     loss_sum += loss_val
                     items += out.n_items
                     for k, v in out.metrics.items():
                         extra[k] = extra.get(k, 0.0) + float(v) / cfg.grad_accum
+                if world > 1:
+                    keys = sorted(extra)
+                    loss_sum, *vals = distributed.mean([loss_sum, *(extra[k] for k in keys)])
+                    extra = dict(zip(keys, vals, strict=True))
+                    items = int(distributed.total([items])[0])
+                    if not _finite(loss_sum):
+                        raise _diverged(loss_sum, step, last_ckpt, run_dir)
                 gnorm = (
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip else 0.0
                 )
@@ -376,6 +408,7 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
             last_val = _eval(ema_model or model, eval_batches, cfg, step, seg_start, metrics, history, callbacks)
         if last_ckpt != step:
             save(step, elapsed)
+        distributed.barrier()  # the files are written when any rank returns
     finally:
         report.close()
         metrics.close()
@@ -389,10 +422,10 @@ class _Progress:
 
     every_s = 10.0
 
-    def __init__(self, cfg: TrainConfig, budget_s: float, step: int, elapsed: float, unit: str):
+    def __init__(self, cfg: TrainConfig, budget_s: float, step: int, elapsed: float, unit: str, show: bool = True):
         self.cfg, self.budget_s, self.unit, self.rate = cfg, budget_s, unit, None
         self.items = "tokens" if unit.endswith("/token") else "images"
-        on = cfg.progress and log.isEnabledFor(logging.INFO)
+        on = show and cfg.progress and log.isEnabledFor(logging.INFO)
         self.bar, self.lines, self.last_line = None, False, None
         if on and sys.stderr.isatty():
             from tqdm import tqdm
@@ -464,7 +497,9 @@ def _ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def _eval(model, batches, cfg, step, seg_start, metrics, history, callbacks) -> float:
-    val = evaluate_loss(model, batches, cfg.precision)
+    r, n = distributed.rank(), distributed.world_size()
+    total, items = distributed.total(list(_loss_sums(model, batches[r::n], cfg.precision)))  # each rank a share
+    val = total / max(items, 1)
     rec = {"step": step, "time_s": round(time.perf_counter() - seg_start, 3), "val_loss": round(val, 5)}
     metrics.write(rec)
     history.append(rec)
