@@ -34,6 +34,11 @@ SOURCES: dict[str, Source] = {
                "(Debian dataset-fashion-mnist)", "MIT", "apt-get install dataset-fashion-mnist"),
         Source("digits", "image", "1,797 handwritten digits, 8x8, 10 classes (scikit-learn load_digits)",
                "CC BY 4.0 (UCI)", "pip install scikit-learn"),
+        Source("capitals", "task", "249 countries and territories with their capitals, a prompting task of 100 test "
+               "items (PyPI countryinfo data files; data/tasks.py)", "MIT", "pip install countryinfo"),
+        Source("antonyms", "task", "400 adjectives and their direct antonyms, a prompting task of 100 test items "
+               "(WordNet 3.0 from Debian wordnet-base; data/tasks.py)", "WordNet 3.0 licence",
+               "apt-get install wordnet-base"),
         Source("images", "image", "your own images: a folder of PNG/JPEG files (optionally one sub-folder per "
                "class) or an .npz/.npy array (data.path)", "yours", ""),
     ]
@@ -58,7 +63,12 @@ class DataConfig:
 
     def validate(self):
         if self.source not in SOURCES:
-            raise ConfigError(f"data.source={self.source!r} unknown; known: {', '.join(sorted(SOURCES))}")
+            raise ConfigError(f"data.source={self.source!r} unknown; known: "
+                              f"{', '.join(sorted(n for n, s in SOURCES.items() if s.kind != 'task'))}")
+        if SOURCES[self.source].kind == "task":
+            raise ConfigError(f"data.source={self.source!r} is an evaluation task (genlab prompt --task "
+                              f"{self.source}), not training data; genlab prompt --write-tasks DIR writes its train "
+                              "items as chat JSONL for genlab finetune")
         if self.tokenizer not in ("char", "bpe"):
             raise ConfigError(f"data.tokenizer={self.tokenizer!r} unknown; known: bpe, char")
         if not 0.0 < self.val_fraction < 0.5:
