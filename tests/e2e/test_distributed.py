@@ -37,10 +37,12 @@ def _close(a: dict, b: dict, tol=2e-5):
     return worst
 
 
-def test_two_processes_equal_one_with_the_global_batch_and_resume(tiny_config, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_the_global_batch_and_resume(tiny_config, tmp_path, parallel):
     one = tiny_config(name="one", train={**TRAIN, "batch_size": 8}, model=MODEL)
     run_cli("train", one, cwd=tmp_path, check=True, env={"GENLAB_THREADS": "1"})
-    two = tiny_config(name="two", train={**TRAIN, "batch_size": 4}, model=MODEL)  # 2 x 4 = the same 8 rows
+    # 2 x 4 = the same 8 rows; fsdp shards the weights, gradients and optimizer state over the 2 processes
+    two = tiny_config(name="two", train={**TRAIN, "batch_size": 4, "parallel": parallel}, model=MODEL)
     p = torchrun(two, cwd=tmp_path)
     assert "on 2 processes" in p.stdout and p.stdout.count("trained ") == 1  # rank 0 reports, once
     runs = tmp_path / "runs"
@@ -64,7 +66,8 @@ def test_two_processes_equal_one_with_the_global_batch_and_resume(tiny_config, t
     _close(load_file(str(runs / "ref" / "model.safetensors")), load_file(str(runs / "two" / "model.safetensors")))
 
 
-def test_lora_finetune_on_two_processes_equals_one(tiny_config, tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_lora_finetune_on_two_processes_equals_one(tiny_config, tmp_path, parallel):
     base = tiny_config(name="base", family="llama", train={"max_steps": 30, "lr": 3e-3})
     run_cli("train", base, cwd=tmp_path, check=True, env={"GENLAB_THREADS": "1"})
     text = tmp_path / "style.txt"
@@ -74,7 +77,8 @@ def test_lora_finetune_on_two_processes_equals_one(tiny_config, tmp_path):
               "--set", "train.warmup_steps=0", "--set", "train.progress=false"]
     run_cli("finetune", run, text, "--name", "one", *common, "--set", "train.batch_size=4", check=True,
             env={"GENLAB_THREADS": "1"})
-    p = torchrun(run, text, "--name", "two", *common, "--set", "train.batch_size=2", cwd=tmp_path, verb="finetune")
+    p = torchrun(run, text, "--name", "two", *common, "--set", "train.batch_size=2", "--set",
+                 f"train.parallel={parallel}", cwd=tmp_path, verb="finetune")
     assert p.stdout.count("fine-tuned") == 1
     a = load_file(str(run / "adapters" / "one" / "adapter_model.safetensors"))
     b = load_file(str(run / "adapters" / "two" / "adapter_model.safetensors"))

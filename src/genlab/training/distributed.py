@@ -142,7 +142,7 @@ def gather(obj) -> list:
 
 
 class _Loss(nn.Module):
-    """DDP synchronises the gradients of what runs through forward(): genlab's models train through loss(batch)."""
+    """DDP and FSDP act on what runs through forward(): genlab's models train through loss(batch)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -151,13 +151,76 @@ class _Loss(nn.Module):
     def forward(self, batch):
         return self.model.loss(batch)
 
+    def loss(self, batch):  # the held-out evaluation of a sharded model goes through forward too
+        return self(batch)
 
-def wrap(model: nn.Module) -> nn.Module:
-    """A DistributedDataParallel module whose forward(batch) is model.loss(batch). DDP broadcasts rank 0's weights
-    at construction, so every rank starts equal."""
+
+class Sharded(_Loss):
+    """The FSDP-sharded model (fully_shard turns an instance of this class into an FSDP module)."""
+
+
+def wrap(model: nn.Module, how: str = "ddp") -> nn.Module:
+    """A module whose forward(batch) is model.loss(batch), under DistributedDataParallel (`ddp`: it broadcasts rank
+    0's weights at construction, so every rank starts equal) or FSDP2's fully_shard (`fsdp`: each block of a
+    ModuleList, then the rest, is sharded over the ranks and gathered for its forward and backward; Zhao et al. 2023).
+    """
+    device = next(model.parameters()).device
+    if how == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        with torch.no_grad():  # start from rank 0's weights, as DDP does
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, 0)
+        root = Sharded(model)
+        for m in list(model.modules()):
+            if isinstance(m, nn.ModuleList):
+                for block in m:
+                    fully_shard(block)
+        fully_shard(root)
+        return root
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    device = next(model.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
     return DDP(_Loss(model), device_ids=ids)
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """An unsharded copy of the model on rank 0, into which the gathered weights are copied to write them (one copy of
+    the weights: no gradients or optimizer state; tied weights stay tied)."""
+    import copy
+
+    return copy.deepcopy(model).requires_grad_(False)
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole state dict of a sharded model, on rank 0 (on the CPU); a collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
+
+
+def load_full_state(model: nn.Module, optimizer, weights: dict, optim_state: dict, *, strict: bool) -> None:
+    """Load whole (unsharded) model and optimizer states into the sharded model, each rank keeping its shards."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, weights, options=_options(strict=strict))
+    set_optimizer_state_dict(model, optimizer, optim_state, options=_options())
+
+
+def value(t) -> float:
+    """A scalar tensor's value; a DTensor (a sharded model's gradient norm) is gathered first."""
+    full = getattr(t, "full_tensor", None)
+    return float((full() if callable(full) else t).item())
 

@@ -61,6 +61,8 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True  # a progress bar on a terminal, else a log line every few seconds; false = neither
     threads: int = 0  # CPU threads for torch; 0 = the process's setting (the CLI: --threads, GENLAB_THREADS or auto)
+    parallel: str = "ddp"  # under torchrun: "ddp" (a whole copy per process) or "fsdp" (weights, gradients and
+    # optimizer state sharded over the processes: for a model that does not fit one; training/distributed.py)
 
     def validate(self):
         checks = [
@@ -82,6 +84,7 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, ">= 0"),
             ("log_every", self.log_every >= 1, ">= 1"),
             ("threads", 0 <= self.threads <= 1024, "in [0, 1024] (0 = the process's setting)"),
+            ("parallel", self.parallel in ("ddp", "fsdp"), "'ddp' or 'fsdp'"),
         ]
         for key, ok, allowed in checks:
             if not ok:
@@ -231,15 +234,23 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
         raise ConfigError(f"{type(model).__name__} has no trainable parameter (all are frozen)")
     partial = len(trainable) < len(dict(model.named_parameters()))
 
-    def model_state():  # a frozen base is not checkpointed: only what trains
-        sd = model.state_dict()
-        return {k: v for k, v in sd.items() if k in trainable} if partial else sd
-
     custom = isinstance(model, HasCustomStep)
     world, main = distributed.world_size(), distributed.is_main()
+    fsdp = world > 1 and cfg.parallel == "fsdp"
     if custom and world > 1:
         raise ConfigError(f"{type(model).__name__} makes its own update steps with several optimizers, which "
                           "DistributedDataParallel does not cover here: train it on one process (without torchrun)")
+    if fsdp and cfg.ema:
+        raise ConfigError("train.ema is not kept with train.parallel='fsdp' (an averaged copy would not be sharded); "
+                          "set train.ema=0 or use train.parallel='ddp'")
+    # DDP averages the gradients over processes; FSDP also shards the weights (before the optimizer sees them)
+    shell = distributed.plain_copy(model) if fsdp and main else None  # rank 0 writes full weights through it
+    step_loss = distributed.wrap(model, cfg.parallel) if world > 1 else model.loss
+
+    def model_state():  # a frozen base is not checkpointed: only what trains
+        sd = distributed.full_state_dict(model) if fsdp else model.state_dict()  # FSDP: every rank gathers
+        return {k: v for k, v in sd.items() if k in trainable} if partial else sd
+
     if custom and cfg.grad_accum != 1:
         raise ConfigError(f"train.grad_accum={cfg.grad_accum}: {type(model).__name__} makes its own update steps; "
                           "use train.grad_accum=1 and a larger train.batch_size")
@@ -248,7 +259,6 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
     else:
         opts = {"model": adamw(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))}
     scheduled = isinstance(model, HasStepSchedule)
-    step_loss = distributed.wrap(model) if world > 1 else model.loss  # DDP averages the gradients over processes
     ema_model = None
     if cfg.ema > 0:
         ema_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -260,11 +270,19 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
         try:
             if partial and set(state["model"]) != trainable:
                 raise KeyError("the checkpoint holds other trainable parameters than this model")
-            model.load_state_dict(state["model"], strict=not partial)
+            if state.get("sharded", False) != fsdp:
+                raise KeyError(f"it was saved with train.parallel={'fsdp' if state.get('sharded') else 'ddp'} "
+                               "(or one process): resume it the same way")
+            if fsdp:
+                distributed.load_full_state(model, opts["model"], state["model"], state["optimizers"]["model"],
+                                            strict=not partial)
+            else:
+                model.load_state_dict(state["model"], strict=not partial)
             if set(state["optimizers"]) != set(opts):
                 raise KeyError(f"optimizers {sorted(state['optimizers'])} != {sorted(opts)}")
             for k, o in opts.items():
-                o.load_state_dict(state["optimizers"][k])
+                if not fsdp:
+                    o.load_state_dict(state["optimizers"][k])
             if ema_model is not None:
                 ema_model.load_state_dict(state["ema"])
             gen.set_state(state["data_rng"])
@@ -295,15 +313,21 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
 
     def save(step, elapsed):
         rngs = distributed.gather(torch.get_rng_state())  # every rank's dropout stream, for an exact resume
-        if run_dir is None or not main:
+        if run_dir is None:
+            return
+        weights = model_state()
+        optimizers = {k: distributed.full_optimizer_state(model, o) if fsdp else o.state_dict()
+                      for k, o in opts.items()}
+        if not main:
             return
         ckpt.save_trainer_state(
             run_dir / ckpt.TRAINER_STATE,
             {
                 "step": step,
                 "elapsed_s": elapsed,
-                "model": model_state(),
-                "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                "model": weights,
+                "sharded": fsdp,
+                "optimizers": optimizers,
                 "ema": ema_model.state_dict() if ema_model is not None else {},
                 "data_rng": gen.get_state(),
                 "torch_rng": rngs[0],
@@ -313,6 +337,10 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
             },
         )
         best = ema_model if ema_model is not None else model
+        if fsdp:  # the gathered weights in a plain (unsharded) copy of the model
+            best = shell
+            with torch.no_grad():
+                best.load_state_dict(weights, strict=not partial)
         if write_weights is not None:
             write_weights(run_dir, best)
         else:
@@ -374,7 +402,8 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                     if not _finite(loss_sum):
                         raise _diverged(loss_sum, step, last_ckpt, run_dir)
                 gnorm = (
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item() if cfg.grad_clip else 0.0
+                    distributed.value(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                    if cfg.grad_clip else 0.0
                 )
                 if not _finite(gnorm):
                     raise _diverged(gnorm, step, last_ckpt, run_dir, what="gradient norm")
@@ -399,13 +428,15 @@ def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callback
                 cb.call(callbacks, "on_log", rec)
                 report.rate = rate
             if cfg.eval_every and step % cfg.eval_every == 0:
-                last_val = _eval(ema_model or model, eval_batches, cfg, step, seg_start, metrics, history, callbacks)
+                last_val = _eval(ema_model or (step_loss if fsdp else model), eval_batches, cfg, step, seg_start,
+                                 metrics, history, callbacks)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 save(step, time.perf_counter() - seg_start)
                 last_ckpt = step
         elapsed = time.perf_counter() - seg_start
         if not (cfg.eval_every and step % cfg.eval_every == 0 and last_val is not None):
-            last_val = _eval(ema_model or model, eval_batches, cfg, step, seg_start, metrics, history, callbacks)
+            last_val = _eval(ema_model or (step_loss if fsdp else model), eval_batches, cfg, step, seg_start, metrics,
+                             history, callbacks)
         if last_ckpt != step:
             save(step, elapsed)
         distributed.barrier()  # the files are written when any rank returns
@@ -497,8 +528,12 @@ def _ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def _eval(model, batches, cfg, step, seg_start, metrics, history, callbacks) -> float:
-    r, n = distributed.rank(), distributed.world_size()
-    total, items = distributed.total(list(_loss_sums(model, batches[r::n], cfg.precision)))  # each rank a share
+    if isinstance(model, distributed.Sharded):  # every forward is collective: every rank scores every batch
+        total, items = _loss_sums(model, batches, cfg.precision)
+        callbacks = [c for c in callbacks if not hasattr(c, "on_eval")]  # a preview would sample on rank 0 alone
+    else:
+        r, n = distributed.rank(), distributed.world_size()
+        total, items = distributed.total(list(_loss_sums(model, batches[r::n], cfg.precision)))  # each rank a share
     val = total / max(items, 1)
     rec = {"step": step, "time_s": round(time.perf_counter() - seg_start, 3), "val_loss": round(val, 5)}
     metrics.write(rec)
