@@ -129,6 +129,7 @@ def main() -> int:
     ap.add_argument("--val-batches", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     ap.add_argument("--lr-full", type=float, default=5e-5, help="full fine-tuning learning rate")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_args", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -176,7 +177,7 @@ def main() -> int:
            "cpu": torch.backends.cpu.get_cpu_capability(), "rows": rows, "genlab_vs_peft_lora_r8": ratio}
     from genlab.core.checkpoint import atomic_write_json
 
-    atomic_write_json(RESULTS, out)
+    atomic_write_json(Path(a.out), out)
     print(json.dumps({"genlab_vs_peft_lora_r8": ratio}))
     return 0
 

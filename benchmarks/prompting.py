@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "prompting.json"
-TEMPLATES = ["zero_shot", "few_shot", "few_shot_similar", "chain_of_thought", "completion"]
+TEMPLATES = ["zero_shot", "few_shot", "few_shot_turns", "few_shot_similar", "chain_of_thought", "completion"]
 TASKS = ["capitals", "antonyms"]
 
 
@@ -35,7 +35,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="score only the first N test items of each task")
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--templates", default=",".join(TEMPLATES))
+    ap.add_argument("--adapter", help="score this existing adapter of --run as 'after' instead of fine-tuning one")
+    ap.add_argument("--append", action="store_true", help="add these templates' rows to the existing --out file")
     a = ap.parse_args()
+    templates = a.templates.split(",")
 
     from genlab import api
     from genlab.adapt.gguf import import_gguf
@@ -58,7 +62,10 @@ def main() -> None:
         for phase in ("before", "after"):
             run = api.load(run_dir)
             adapter = None
-            if phase == "after":
+            if phase == "after" and a.adapter:
+                adapter = a.adapter
+                ft = None
+            elif phase == "after":
                 t0 = time.perf_counter()
                 folder, fit = api.finetune(run, data, name="tasks", overwrite=True,
                                            overrides=[f"train.max_steps={a.steps}", "train.progress=false"])
@@ -67,7 +74,7 @@ def main() -> None:
                 run, adapter = api.load(run_dir), folder
             results = []
             for task in TASKS:
-                results += api.prompt_eval(run, task, TEMPLATES, limit=a.limit, adapter=adapter, embedder=embedder)
+                results += api.prompt_eval(run, task, templates, limit=a.limit, adapter=adapter, embedder=embedder)
                 adapter = None
             rows[phase] = results
             print(table(results, f"SmolLM2 {phase}"), flush=True)
@@ -78,8 +85,14 @@ def main() -> None:
                 "examples": [{k: it[k] for k in ("input", "reply", "answer", "exact", "contains")}
                              for it in r.items[:3]]}
 
-    out = {"model": "SmolLM2-135M-Instruct (fp32)", "decoding": "greedy", "finetune": {"method": "lora", "r": 8, **ft},
+    out = {"model": "SmolLM2-135M-Instruct (fp32)", "decoding": "greedy", "finetune": {"method": "lora", "r": 8, **(ft or {})},
            "before": [brief(r) for r in rows["before"]], "after": [brief(r) for r in rows["after"]]}
+    if a.append and Path(a.out).exists():  # new templates' rows join the earlier run's (same adapter)
+        old = json.loads(Path(a.out).read_text())
+        for phase in ("before", "after"):
+            keys = {(r["task"], r["template"]) for r in out[phase]}
+            out[phase] = [r for r in old[phase] if (r["task"], r["template"]) not in keys] + out[phase]
+        out["finetune"] = old["finetune"]
     atomic_write_json(Path(a.out), out)
     print(json.dumps({k: v for k, v in out.items() if k == "finetune"}))
 

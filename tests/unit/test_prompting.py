@@ -57,14 +57,24 @@ def test_extract_answer():
 
 def test_builtin_templates_load_and_render():
     names = list_templates()
-    assert {"zero_shot", "few_shot", "few_shot_similar", "chain_of_thought", "completion"} <= set(names)
+    assert {"zero_shot", "few_shot", "few_shot_similar", "few_shot_turns", "chain_of_thought", "completion"} <= set(names)
     for n in names:
         t = load_template(n)
         ex = [Item("Q1?", "A1"), Item("Q2?", "A2")][: t.k]
-        text = t.render(Item("What is the capital of Chad?", "N'Djamena"), ex)
-        assert "What is the capital of Chad?" in text and "N'Djamena" not in text  # never the gold answer
+        msgs = t.messages(Item("What is the capital of Chad?", "N'Djamena"), ex)
+        text = "\n".join(m["content"] for m in msgs)
+        assert "What is the capital of Chad?" in msgs[-1]["content"] and "N'Djamena" not in text  # never the gold
         for e in ex:
             assert e.input in text and e.target in text
+
+
+def test_examples_as_chat_turns():
+    t = load_template("few_shot_turns")
+    msgs = t.messages(Item("What is the capital of Chad?", "N'Djamena"), [Item("Q1?", "A1"), Item("Q2?", "A2")])
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user", "assistant", "user"]
+    assert msgs[0]["content"].startswith("Q1?") and msgs[1]["content"] == "A1" and "Chad" in msgs[-1]["content"]
+    plain = load_template("few_shot").messages(Item("Q?", "A"), [Item("Q1?", "A1")])
+    assert len(plain) == 1 and "Q1?" in plain[0]["content"] and "A1" in plain[0]["content"]
 
 
 def test_bad_templates_are_one_line_errors(tmp_path):

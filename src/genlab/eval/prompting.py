@@ -44,6 +44,8 @@ class PromptTemplate:
     system: str = ""  # a system message, with chat
     k: int = 0  # solved examples shown
     select: str = "random"  # how they are chosen: random or similar
+    turns: bool = False  # with chat: each example is an earlier user turn (the prompt rendered for it, without
+    # examples) and the assistant's answer (its target), the way chat models are shown examples
     answer_prefix: str = ""  # the answer follows the last occurrence of this (chain of thought)
     max_new_tokens: int = 24
     stop: list[str] = field(default_factory=list)
@@ -67,6 +69,15 @@ class PromptTemplate:
     def render(self, item: Item, examples: list[Item]) -> str:
         ex = [{"input": e.input, "target": e.target} for e in examples]
         return _env().from_string(self.prompt).render(input=item.input, examples=ex, k=len(ex)).strip()
+
+    def messages(self, item: Item, examples: list[Item]) -> list[dict[str, str]]:
+        """The chat messages: a system message if any, then the examples as turns (with `turns`), then the item."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        if self.turns:
+            for e in examples:
+                out += [{"role": "user", "content": self.render(e, [])}, {"role": "assistant", "content": e.target}]
+            return out + [{"role": "user", "content": self.render(item, [])}]
+        return out + [{"role": "user", "content": self.render(item, examples)}]
 
 
 def _env():
@@ -227,13 +238,10 @@ def evaluate_template(model, tokenizer, chat_template, eos_ids: list[int], task:
     chat = tpl.chat and chat_template is not None
     prompts = []
     for item, ex in zip(items, examples, strict=True):
-        text = tpl.render(item, ex)
         if chat:
-            messages = ([{"role": "system", "content": tpl.system}] if tpl.system else []) + \
-                [{"role": "user", "content": text}]
-            prompts.append(tokenizer.encode(chat_template.render(messages), add_special_tokens=False))
-        else:
-            prompts.append(tokenizer.encode(text))
+            prompts.append(tokenizer.encode(chat_template.render(tpl.messages(item, ex)), add_special_tokens=False))
+        else:  # a plain model: the examples in the text (turns need a chat template)
+            prompts.append(tokenizer.encode(tpl.render(item, ex)))
     cfg = SamplingConfig(max_new_tokens=tpl.max_new_tokens, temperature=0.0, stop=tuple(tpl.stop))
     replies = [""] * len(items)
     t0 = time.perf_counter()
