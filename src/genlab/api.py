@@ -883,6 +883,33 @@ def _finetune_config(run: Run, config: FinetuneConfig | None, overrides: list[st
     return from_dict(FinetuneConfig, d)
 
 
+def _resumed_finetune_config(run: Run, name: str | None, out: str | Path | None, overrides: list[str]):
+    """The settings an interrupted fine-tune was started with, plus `overrides` of its budget only."""
+    from .adapt import lora as lora_io
+
+    folder = Path(out) if out is not None else lora_io.adapter_dir(run.path, name or "adapter")
+    saved = folder / "finetune_config.json"
+    if not (folder / ckpt.TRAINER_STATE).is_file() or not saved.is_file():
+        raise CheckpointError(f"cannot resume: {folder} holds no interrupted fine-tune (no {ckpt.TRAINER_STATE} "
+                              "and finetune_config.json); start it without --resume")
+    d = ckpt.read_json(saved, "fine-tune config")
+    d.pop("base", None)
+    d.pop("data", None)
+    allowed = ("train.max_steps", "train.max_minutes", "train.progress", "train.log_every", "train.threads",
+               "train.eval_every", "train.checkpoint_every")
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if key not in allowed and key != "method":
+            raise ConfigError(f"--resume keeps the fine-tune's settings; {key} cannot change (only "
+                              f"{', '.join(allowed)})")
+    apply_overrides(d, [o for o in overrides if not o.startswith("method=")])
+    fc = from_dict(FinetuneConfig, d)
+    given = [o.split("=", 1)[1].strip() for o in overrides if o.startswith("method=")]
+    if given and given[-1] != fc.method:
+        raise ConfigError(f"--resume: this fine-tune is {fc.method}, not {given[-1]}")
+    return fc
+
+
 def _finetune_data(run: Run, data: str | Path, block_size: int, val_fraction: float):
     """Chat/instruction JSONL -> ChatData (loss on assistant tokens); a text file, a folder of them or a built-in
     text corpus -> TokenData (continued pre-training, style)."""
@@ -931,18 +958,23 @@ def _finetune_images(run: Run, data: str | Path, val_fraction: float) -> ImageDa
 
 def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = None, out: str | Path | None = None,
              config: FinetuneConfig | None = None, overrides: list[str] = (), overwrite: bool = False,
-             callbacks=()) -> tuple[Path, FitResult]:
+             resume: bool = False, callbacks=()) -> tuple[Path, FitResult]:
     """Adapt a run to `data` through the one `fit` loop (a language model to text or chat data, an image model to
     images of the same kind). LoRA (the default) freezes the base and
     writes only the adapter, to `base/adapters/<name>/` in peft's format; `method="full"` trains every weight
     and writes a new run to `out`. Returns the folder written and the fit result. A Run given as `base` is
-    changed in place (its model carries the adapter, or the new weights, afterwards)."""
+    changed in place (its model carries the adapter, or the new weights, afterwards). `resume=True` continues an
+    interrupted fine-tune (the adapter `name`, or the run in `out`) with its saved settings; `overrides` may extend
+    its budget (train.max_steps, train.max_minutes)."""
     from .adapt import lora as lora_io
     from .adapt.quantize import is_quantized
     from .nn.lora import add_lora
 
     run = _as_run(base)
-    fc = _finetune_config(run, config, overrides)
+    if resume:
+        fc = _resumed_finetune_config(run, name, out, overrides)
+    else:
+        fc = _finetune_config(run, config, overrides)
     distributed.setup()  # under torchrun: join the other processes; rank 0 writes the files
     main = distributed.is_main()
     if isinstance(run.model, HasClosedFormFit):
@@ -957,12 +989,12 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
             raise ConfigError("a full fine-tune writes a new run: give its folder (--out runs/NAME)")
         from .adapt.hf import check_run_target
 
-        target = check_run_target(out, overwrite) if main else Path(out).resolve()
+        target = check_run_target(out, overwrite) if main and not resume else Path(out).resolve()
         if target == run.path.resolve():
             raise ConfigError("the fine-tuned run must go to another folder than its base")
     else:
         target = lora_io.adapter_dir(run.path, name or "adapter")
-        if main and target.exists() and any(target.iterdir()) and not overwrite:
+        if main and not resume and target.exists() and any(target.iterdir()) and not overwrite:
             raise ConfigError(f"adapter {target} exists; pass --overwrite to replace it or give another --name")
     data_ = _finetune_data(run, data, block, fc.val_fraction)
     model = run.model
@@ -982,7 +1014,7 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
     else:
         model.requires_grad_(True)
         write = None
-    if main:
+    if main and not resume:
         if overwrite and target.exists():
             shutil.rmtree(target)
         target.mkdir(parents=True, exist_ok=True)
@@ -994,7 +1026,11 @@ def finetune(base: Run | str | Path, data: str | Path, *, name: str | None = Non
         ckpt.atomic_write_json(target / "finetune_config.json",
                                {**to_dict(fc), "base": str(run.path), "data": str(data)})
     distributed.barrier()
-    result = fit(model, data_, fc.train, run_dir=target, seed=fc.seed, callbacks=callbacks, write_weights=write)
+    result = fit(model, data_, fc.train, run_dir=target, seed=fc.seed, resume=resume, callbacks=callbacks,
+                 write_weights=write)
+    if resume and main:  # the budget may have been extended
+        ckpt.atomic_write_json(target / "finetune_config.json",
+                               {**to_dict(fc), "base": str(run.path), "data": str(data)})
     model.eval()
     return target, result
 

@@ -403,12 +403,16 @@ def cmd_finetune(a) -> int:
     from . import api
     from .core.outputs import format_loss
 
-    overrides = list(a.set) + [f"method={a.method}"] + ([f"r={a.rank}"] if a.rank is not None else []) + \
+    if a.method is None and not a.resume:
+        a.method = "lora"
+    overrides = list(a.set) + ([f"method={a.method}"] if a.method else []) + \
+        ([f"r={a.rank}"] if a.rank is not None else []) + \
         ([f"targets={json.dumps(a.targets.split(','))}"] if a.targets else [])
     base = api.load(a.base)
     t0 = time.perf_counter()
     before = api.evaluate_loss_on(base, a.data, overrides) if a.compare else None
-    folder, res = api.finetune(base, a.data, name=a.name, out=a.out, overrides=overrides, overwrite=a.overwrite)
+    folder, res = api.finetune(base, a.data, name=a.name, out=a.out, overrides=overrides, overwrite=a.overwrite,
+                               resume=a.resume)
     from .training import distributed
 
     if not distributed.is_main():  # under torchrun rank 0 reports
@@ -416,8 +420,9 @@ def cmd_finetune(a) -> int:
     val = f"; held-out loss {format_loss(res.val_loss, res.loss_unit)}" if res.val_loss is not None else ""
     if before is not None:
         val += f" (before: {format_loss(before, res.loss_unit)})"
-    print(f"fine-tuned {a.base} ({a.method}) in {time.perf_counter() - t0:.1f} s: {res.step:,} steps{val}")
-    if a.method == "lora":
+    method = "lora" if (folder / "adapter_config.json").is_file() else "full"
+    print(f"fine-tuned {a.base} ({method}) in {time.perf_counter() - t0:.1f} s: {res.step:,} steps{val}")
+    if method == "lora":
         size = sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors")
         print(f"adapter: {folder} ({size / 1e6:.2f} MB, peft format)")
         verb = "sample" if base.modality == "image" else "generate"
@@ -660,7 +665,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("base", help="run folder of the base model, e.g. runs/smollm2 or runs/fashion_mnist_diffusion")
     f.add_argument("data", help="a .txt/.md file or folder, a chat .jsonl, a built-in corpus (shakespeare); for an "
                                 "image run, images (a folder, .npz, or mnist ...)")
-    f.add_argument("--method", choices=["lora", "full"], default="lora", help="what trains")
+    f.add_argument("--method", choices=["lora", "full"], default=None, help="what trains (default: lora)")
     f.add_argument("--name", default="adapter", help="LoRA: the adapter's name under BASE/adapters/")
     f.add_argument("--out", default=None, help="full: the folder of the new run")
     f.add_argument("--rank", type=int, default=None, metavar="R", help="LoRA rank (default 8)")
@@ -672,6 +677,8 @@ def _parser() -> argparse.ArgumentParser:
                         "train.lr=1e-4, train.batch_size=4 ... (repeatable)")
     f.add_argument("--compare", action="store_true", help="also print the base's held-out loss on the same data")
     f.add_argument("--overwrite", action="store_true", help="replace an adapter (or run) of the same name")
+    f.add_argument("--resume", action="store_true", help="continue an interrupted fine-tune (the same --name or "
+                   "--out) with its saved settings; --set train.max_steps=N may extend it")
     f.set_defaults(fn=cmd_finetune)
 
     mg = sub.add_parser("merge", help="fold a LoRA adapter into its base: a new full run", formatter_class=fmt,

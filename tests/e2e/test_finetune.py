@@ -136,3 +136,27 @@ def test_an_image_model_takes_a_lora_adapter_on_new_images(tmp_path):
     assert (a - b).abs().mean() > 1  # the adapter changes what is drawn
     p = run_cli("finetune", base, "shakespeare", "--set", "train.max_steps=1")
     assert p.returncode != 0 and "is text" in p.stderr
+
+
+def test_an_interrupted_finetune_resumes_to_the_same_adapter(base, tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir, text = base
+    # a constant learning rate: a budget extended on resume then follows the same schedule as one long run
+    common = ["--set", "block_size=32", "--set", "train.warmup_steps=0", "--set", "train.min_lr_ratio=1",
+              "--set", "train.checkpoint_every=3", "--set", "dropout=0", "--set", "train.progress=false"]
+    env = {"GENLAB_THREADS": "1"}
+    run_cli("finetune", run_dir, text, "--name", "straight", *common, "--set", "train.max_steps=6", check=True,
+            env=env)
+    run_cli("finetune", run_dir, text, "--name", "halves", *common, "--set", "train.max_steps=3", check=True, env=env)
+    p = run_cli("finetune", run_dir, text, "--name", "halves", "--resume", "--set", "train.max_steps=6", check=True,
+                env=env)
+    assert "6 steps" in p.stdout and "(lora)" in p.stdout
+    a = load_file(str(run_dir / "adapters" / "straight" / "adapter_model.safetensors"))
+    b = load_file(str(run_dir / "adapters" / "halves" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for args, says in [(("--name", "never", "--resume"), "holds no interrupted fine-tune"),
+                       (("--name", "halves", "--resume", "--rank", "16"), "r cannot change"),
+                       (("--name", "halves", "--resume", "--method", "full"), "is lora, not full")]:
+        p = run_cli("finetune", run_dir, text, *args)
+        assert p.returncode == 2 and says in p.stderr, p.stderr
