@@ -57,7 +57,8 @@ def main() -> None:
 
     def score(run, name: str, seconds: float | None) -> dict:
         imgs = api.sample(run, a.samples, seed=0, labels=labels, sampler="dpmpp_2m", steps=20)
-        save_grid(imgs[:100], RESULTS / f"adapt_image_{name}.png", nrow=10)
+        slug = "_".join("".join(c if c.isalnum() else " " for c in name.lower().replace("=", "")).split())
+        save_grid(imgs[:100], RESULTS / f"adapt_image_{slug.replace('_before', '')}.png", nrow=10)
         row = {"model": name, "fid_domain_vs_mnist": round(fid_from_features(real, extract_features(clf, imgs)), 2),
                "digit_accuracy": round(class_accuracy(clf, imgs, labels), 3)}
         if seconds is not None:
