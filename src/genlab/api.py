@@ -341,6 +341,15 @@ class Run:
             ids.append(tok._tok.token_to_id(tok.EOS))
         return ids
 
+    def turn_end_ids(self, template) -> list[int]:
+        """eos_ids plus the token that ends an assistant turn in `template` (a chat template, or None)."""
+        ids = self.eos_ids()
+        for t in template.stop_tokens() if template is not None else []:
+            i = self.tokenizer._tok.token_to_id(t)
+            if i is not None and i not in ids:
+                ids.append(i)
+        return ids
+
     def chat_template(self):
         """The run's chat template (`genlab.data.chat.ChatTemplate`), or None: a model trained on raw text."""
         from .data.chat import ChatTemplate
@@ -502,11 +511,7 @@ def chat(
     else:  # up to 512 new tokens, fewer where the context is short: what the prompt leaves of it
         ids = _chat_prompt(run, template, messages, min(512, ctx // 2))
         cfg = replace(cfg, max_new_tokens=min(512, ctx - len(ids)))
-    eos = run.eos_ids()
-    for t in template.stop_tokens():
-        i = run.tokenizer._tok.token_to_id(t)
-        if i is not None and i not in eos:
-            eos.append(i)
+    eos = run.turn_end_ids(template)
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
     it = stream_text(run.model, run.tokenizer, [ids] * n, cfg, generator=generator, eos_id=eos)
@@ -1118,11 +1123,7 @@ def prompt_eval(run: Run | str | Path, task: str | Path, templates=DEFAULT_TEMPL
         if s not in prompting.SCORINGS:
             raise ConfigError(f"scoring {s!r} must be one of {', '.join(prompting.SCORINGS)}")
     template = run.chat_template()
-    eos = run.eos_ids()
-    for tok in template.stop_tokens() if template is not None else []:
-        i = run.tokenizer._tok.token_to_id(tok)
-        if i is not None and i not in eos:
-            eos.append(i)
+    eos = run.turn_end_ids(template)
     if embedder is None and any(p.select == "similar" and p.k for p in tpls):
         embedder = prompting.Embedder()
     run.model.eval()
