@@ -6,7 +6,7 @@ of Shakespeare's plays, tokenized with SmolLM2's tokenizer) and is scored on the
 10% of the corpus) before and after. genlab trains through its one `fit` loop; peft's run is a plain PyTorch
 loop over `get_peft_model(AutoModelForCausalLM)` with the same optimizer (AdamW, same lr, warm-up and schedule
 left out on both sides), loss and LoRA settings. Writes benchmarks/results/adapt.json.
-usage: python benchmarks/adapt.py [--steps 30] [--batch 4] [--block 128] [--minutes 0]
+usage: python benchmarks/adapt.py [--steps 30] [--batch 4] [--block 128] [--minutes 0] [--engines ...]
 """
 
 from __future__ import annotations
@@ -129,6 +129,8 @@ def main() -> int:
     ap.add_argument("--val-batches", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate")
     ap.add_argument("--lr-full", type=float, default=5e-5, help="full fine-tuning learning rate")
+    ap.add_argument("--engines", default="genlab-lora-r8,peft-lora-r8,genlab-lora-r32,genlab-full",
+                    help="comma-separated, from genlab-lora-rN, peft-lora-rN, genlab-full")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_args", default=None, help=argparse.SUPPRESS)
@@ -159,7 +161,7 @@ def main() -> int:
         del run, data
         args = {"run": str(d / "run"), "hf": str(d / "hf"), "batches": str(d / "batches.pt")}
         rows = []
-        for e in ("genlab-lora-r8", "peft-lora-r8", "genlab-lora-r32", "genlab-full"):
+        for e in a.engines.split(","):
             cmd = [sys.executable, __file__, "--_worker", e, "--_args", json.dumps(args), "--steps", str(a.steps),
                    "--batch", str(a.batch), "--block", str(a.block), "--lr", str(a.lr), "--lr-full", str(a.lr_full),
                    "--minutes", str(a.minutes)]

@@ -210,3 +210,41 @@ def test_a_peft_adapter_loads_into_genlab_with_the_same_logits(tmp_path):
     x = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         assert torch.allclose(m(x), pm.eval()(x).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("p,bias", [(0.0, True), (0.0, False), (0.3, True)])
+def test_the_fused_lora_layer_matches_the_composed_layers_in_value_and_gradient(p, bias):
+    """LoRALinear's own autograd function (used to train over a frozen base) against the same maths written with
+    plain torch ops and the same dropout mask: outputs and gradients of x, A and B."""
+    from genlab.nn.lora import LoRALinear, dropout_mask
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 20, bias=bias).requires_grad_(False)
+    layer = LoRALinear(base, r=4, alpha=8.0, dropout=p).train()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    torch.manual_seed(1)
+    y = layer(x)
+    y.backward(torch.ones_like(y) * torch.arange(20.0))
+    got = (y.detach(), x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone())
+
+    x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+    torch.manual_seed(1)
+    keep = dropout_mask(x, p) if p else torch.ones_like(x, dtype=torch.bool)
+    xd = x * keep / (1 - p)
+    ref = base(x) + xd @ layer.lora_A.weight.t() @ layer.lora_B.weight.t() * layer.scaling
+    ref.backward(torch.ones_like(ref) * torch.arange(20.0))
+    want = (ref.detach(), x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    if p:
+        assert 0.2 < 1 - keep.float().mean() < 0.4  # the mask drops about p of the inputs
+
+
+def test_the_dropout_mask_keeps_one_minus_p():
+    from genlab.nn.lora import dropout_mask
+
+    torch.manual_seed(0)
+    for p in (0.05, 0.1, 0.5):
+        kept = dropout_mask(torch.empty(1000, 1000), p).float().mean().item()
+        assert abs(kept - (1 - p)) < 2e-3

@@ -115,9 +115,6 @@ class Attention(nn.Module):
             cache.k[layer, :, :, p : p + T] = k
             cache.v[layer, :, :, p : p + T] = v
             k, v = cache.k[layer, :, :, : p + T], cache.v[layer, :, :, : p + T]
-        groups = self.n_head // self.n_kv_head  # each key/value head serves `groups` query heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         mask = None if (cache is not None and T == 1) else causal_mask(T, p)
         y = attention(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

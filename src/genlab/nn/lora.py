@@ -21,6 +21,59 @@ from torch import nn
 from ..core.errors import ConfigError
 
 
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool keep-mask, each element kept with probability 1 - p (to 1/65536), from the default generator.
+
+    Four 16-bit draws per 64-bit random number: on a CPU the generator is most of the cost of dropout
+    (`bernoulli_` draws one number per element and is ~4x slower at LoRA's shapes)."""
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, 2 ** 63 - 1)
+    draws = words.view(torch.int16)[: x.numel()].view(x.shape)
+    return draws >= -32768 + round(p * 65536)
+
+
+class _LoRAFunction(torch.autograd.Function):
+    """y = x W^T + b + s B A (m * x / (1 - p)) for a frozen W, with the gradients of A, B and x by hand.
+
+    The same numbers as the composed layers; faster on a CPU because the dropout mask is drawn cheaply, the
+    low-rank product is accumulated into the base output in place (addmm), and each weight gradient is taken
+    as (r x N) @ (N x d), the orientation BLAS runs several times faster than autograd's (d x N) @ (N x r)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, a, b, scaling, p):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        keep = dropout_mask(x2, p) if p else None
+        xd = torch.where(keep, x2, 0.0) if p else x2
+        if p:
+            a = a / (1.0 - p)  # the dropout's rescaling, folded into A
+        h = xd @ a.t()  # (N, r)
+        bs = b * scaling
+        y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+        y.addmm_(h, bs.t())
+        ctx.save_for_backward(xd, h, weight, a, bs, keep)
+        ctx.p, ctx.scaling, ctx.shape = p, scaling, shape
+        return y.view(*shape[:-1], y.size(-1))
+
+    @staticmethod
+    def backward(ctx, g):
+        xd, h, weight, a, bs, keep = ctx.saved_tensors
+        g = g.reshape(-1, g.size(-1))
+        gh = g @ bs  # (N, r)
+        ga = gb = gx = None
+        if ctx.needs_input_grad[3]:
+            ga = (gh.t() @ xd) / (1.0 - ctx.p)  # (r, in)
+        if ctx.needs_input_grad[4]:
+            gb = (h.t() @ g).t() * ctx.scaling  # (out, r)
+        if ctx.needs_input_grad[0]:
+            gx = g @ weight
+            if ctx.p:
+                gx += torch.where(keep, gh @ a, 0.0)
+            else:
+                gx.addmm_(gh, a)
+            gx = gx.view(ctx.shape)
+        return gx, None, None, ga, gb, None, None
+
+
 class LoRALinear(nn.Module):
     """A Linear layer (or any layer mapping in_features -> out_features) plus B A, rank r, scaled alpha / r."""
 
@@ -46,6 +99,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.lora_A.weight.to(x.dtype)
         b = self.lora_B.weight.to(x.dtype)
+        if (self.base_layer is None and not self.weight.requires_grad and x.dtype == self.weight.dtype
+                and (self.bias is None or not self.bias.requires_grad)
+                and not torch.is_autocast_enabled(x.device.type) and torch.is_grad_enabled()):
+            p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            return _LoRAFunction.apply(x, self.weight, self.bias, a, b, self.scaling, p)
         return self.base(x) + F.linear(F.linear(self.lora_dropout(x), a), b) * self.scaling
 
     def delta(self) -> torch.Tensor:
