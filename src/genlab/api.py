@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .core import checkpoint as ckpt
 from .core import runtime
 from .core.config import apply_overrides, from_dict, load_toml, to_dict
-from .core.errors import CheckpointError, ConfigError
+from .core.errors import CheckpointError, ConfigError, DataError
 from .core.protocols import HasClosedFormFit, HasELBO, HasLogProb
 from .data.datasets import DataConfig, ImageData, TextSplits, TokenData, load_images, load_text
 from .data.tokenizers import Tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
@@ -1135,3 +1135,196 @@ def prompt_eval(run: Run | str | Path, task: str | Path, templates=DEFAULT_TEMPL
                  ", ".join(f"{k} {v:.2f}" for k, v in res.scores.items()), res.n, res.seconds)
         out.append(res)
     return out
+
+
+# ------------------------------------------------------------------ retrieval-augmented generation (rag/)
+
+INDEXES = Path("indexes")
+DEFAULT_GENERATOR = Path("runs") / "smollm2"
+
+
+def index_folder(index: str | Path) -> Path:
+    """An index name (`kjv`) lives in indexes/<name>; a path (`some/dir`, `./x`) is used as given."""
+    p = Path(index)
+    return p if (p.is_absolute() or len(p.parts) > 1 or p.exists()) else INDEXES / p
+
+
+def rag_index(paths: list[str], index: str | Path, *, embedding: str | None = None, max_tokens: int | None = None,
+              overlap: int | None = None, backend: str = "sqlite", progress=None):
+    """Index files, folders and built-in corpora into `index` (created on first use), embedding only new and
+    changed files; returns the `IngestReport`. Chunking settings are fixed when the index is made."""
+    from .rag.ingest import update_index
+    from .rag.retrieve import Embedder
+    from .rag.store import MANIFEST, Chunking, Index
+
+    if not paths:
+        raise ConfigError("give files, folders or built-in corpora to index")
+    folder = index_folder(index)
+    if (folder / MANIFEST).exists():
+        idx = Index.open(folder)
+        emb = Embedder(embedding or idx.embedding)
+        if emb.name != idx.embedding:
+            idx.close()
+            raise ConfigError(f"index {folder} was built with {idx.embedding!r}, not {emb.name!r}; "
+                              "use another --index name for another embedding model")
+        ch = idx.chunking
+        for key, given in (("max_tokens", max_tokens), ("overlap", overlap)):
+            if given is not None and given != getattr(ch, key):
+                idx.close()
+                raise ConfigError(f"index {folder} chunks with {key}={getattr(ch, key)}, not {given}: keep its "
+                                  "settings or index into a new --index")
+    else:
+        emb = Embedder(embedding)
+        ch = Chunking(max_tokens if max_tokens is not None else 256, overlap if overlap is not None else 32)
+        if not 8 <= ch.max_tokens <= emb.max_tokens:
+            raise ConfigError(f"max_tokens={ch.max_tokens}: the embedding model reads at most {emb.max_tokens} "
+                              "tokens per chunk; use 8..that")
+        if not 0 <= ch.overlap < ch.max_tokens // 2:
+            raise ConfigError(f"overlap={ch.overlap} must be in [0, max_tokens/2)")
+        idx = Index.create(folder, emb.name, emb.dim, ch, backend)
+    try:
+        return update_index(idx, [str(p) for p in paths], emb, progress=progress)
+    finally:
+        idx.close()
+
+
+def _rag_generator(run: Run | str | Path | None) -> Run:
+    if run is not None:
+        return _as_run(run)
+    if not (DEFAULT_GENERATOR / "config.json").exists():  # SmolLM2-135M-Instruct from its PyPI package
+        from .adapt.gguf import import_gguf
+
+        import_gguf("smollm2", DEFAULT_GENERATOR)
+    return load(DEFAULT_GENERATOR)
+
+
+def _rag_pieces(gen: Run, question: str, hits, **controls) -> Iterator[str]:
+    """The generator's answer as text pieces: the question with its numbered sources, in the run's chat template
+    (or as plain text for a model without one). No hits: the bare question (the no-retrieval baseline)."""
+    from .rag.answer import build_completion, build_messages
+
+    if gen.chat_template() is not None:
+        messages = build_messages(question, hits) if hits else [{"role": "user", "content": question}]
+        it = chat(gen, messages, stream=True, **controls)
+    else:
+        prompt = build_completion(question, hits) if hits else f"Question: {question}\nAnswer:"
+        it = generate(gen, prompt, stream=True, **{"stop": ["\n\n"], **controls})
+    return (d.text for d in it)
+
+
+def rag_ask(index: str | Path, question: str, *, run: Run | str | Path | None = None, mode: str = "hybrid",
+            k: int = 3, where: dict | None = None, mmr: bool = False, threshold: float | None = None,
+            stream: bool = False, retriever=None, **controls):
+    """Answer `question` from the index's chunks with a language model (SmolLM2-135M-Instruct by default),
+    citing the numbered sources. When the best chunk's cosine with the question is under `threshold` (the
+    index's calibrated value by default), it answers NOT_FOUND instead. Returns an `Answer`, or with
+    `stream=True` an `AnswerStream` (iterate it for the text; `.answer` afterwards). Controls as `chat`;
+    greedy (temperature 0) and 256 new tokens unless given."""
+    from .rag.answer import AnswerStream, finish, not_found
+    from .rag.retrieve import Embedder, Retriever
+    from .rag.store import Index
+
+    if retriever is None:
+        idx = Index.open(index_folder(index))
+        retriever = Retriever(idx.store, None if mode == "sparse" else Embedder(idx.embedding), mode=mode, k=k,
+                              fetch_k=max(50, k), use_mmr=mmr, where=where)
+        if threshold is None:
+            threshold = idx.manifest.get("threshold")
+    hits, relevance = retriever.search(question, k)
+    if not hits or (threshold is not None and not math.isnan(relevance) and relevance < threshold):  # nan: sparse
+        ans = not_found(question, hits, relevance)
+        return AnswerStream(question, iter([ans.text]), hits, relevance, done=ans) if stream else ans
+    controls = {"temperature": 0.0, "max_new_tokens": 256, **controls}
+    pieces = _rag_pieces(_rag_generator(run), question, hits, **controls)
+    if stream:
+        return AnswerStream(question, pieces, hits, relevance)
+    return finish(question, "".join(pieces), hits, relevance)
+
+
+
+def rag_eval(index: str | Path, qa: str | Path, *, split: str | None = "report", modes=("dense", "sparse", "hybrid"),
+             k: int = 10, answers: int = 0, answer_k: int = 3, run: Run | str | Path | None = None,
+             no_rag: bool = False, calibrate: bool = False, limit: int | None = None, progress=None) -> dict:
+    """Score retrieval (hit@1/5/10, recall@k, MRR, nDCG@10 against each question's gold passage) for each mode on
+    a question set (`perlfaq`, `pythonfaq`, or a JSONL of {"question", "answer"?, "source"?, "start"?, "end"?}),
+    and with `answers=N` the first N answers (exact match, token F1, faithfulness, citation precision; with
+    `no_rag` also the model's answers without sources). `calibrate` sets the index's "not found" threshold from
+    the tuning half (split "tune"): the 5th percentile of the best chunk's cosine over the questions whose gold
+    passage is retrieved in the top k, so about 1 in 20 answerable questions is refused and an off-topic one
+    rarely answered. Returns a dict of metrics (and per-question rows)."""
+    import numpy as np
+
+    from .rag import evaluate as ev
+    from .rag.answer import finish
+    from .rag.faq import QA_SETS, qa_set, read_qa
+    from .rag.retrieve import Embedder, Retriever
+    from .rag.store import Index
+
+    questions = qa_set(str(qa))[1] if str(qa) in QA_SETS else read_qa(qa)
+    if calibrate:
+        split = "tune"
+    if split is not None and any("split" in q for q in questions):
+        questions = [q for q in questions if q.get("split") == split]
+    questions = questions[:limit] if limit else questions
+    if not questions:
+        raise DataError(f"{qa}: no questions" + (f" in the {split!r} half" if split else ""))
+    idx = Index.open(index_folder(index))
+    try:
+        emb = Embedder(idx.embedding)
+        vecs = emb([q["question"] for q in questions])
+        out: dict[str, Any] = {"index": str(index_folder(index)), "qa": str(qa), "split": split,
+                               "questions": len(questions), "k": k, "retrieval": {}}
+        gold = [q for q in questions if "source" in q]
+        relevance = np.array([idx.store.dense(v, 1)[0].score if idx.store.count() else np.nan for v in vecs])
+        for mode in modes:
+            r = Retriever(idx.store, emb, mode=mode, k=k, fetch_k=max(50, k))
+            rows = []
+            for n, (q, v) in enumerate(zip(questions, vecs)):
+                if "source" in q:
+                    hits, _ = r.search(q["question"], k, query_vec=v)
+                    rows.append(ev.retrieval_metrics([h.chunk for h in hits], q, ks=(1, 5, 10)))
+                if progress is not None:
+                    progress(f"retrieve/{mode}", n + 1, len(questions))
+            out["retrieval"][mode] = ev.aggregate(rows) if rows else {}
+        if calibrate:
+            if not gold:
+                raise DataError(f"{qa}: calibration needs questions with gold passages (source, start, end)")
+            r = Retriever(idx.store, emb, mode="hybrid", k=k, fetch_k=max(50, k))
+            found = [rel for q, v, rel in zip(questions, vecs, relevance) if "source" in q and
+                     ev.hit_at_k([h.chunk for h in r.search(q["question"], k, query_vec=v)[0]], q, k)]
+            if len(found) < 5:
+                raise DataError(f"only {len(found)} tuning questions find their passage: too few to calibrate")
+            out["threshold"] = round(float(np.percentile(found, 5)), 4)
+            idx.save_manifest(threshold=out["threshold"], threshold_from=f"{qa} (tune half, {len(found)} questions)")
+        if answers:
+            gen = _rag_generator(run)
+            r = Retriever(idx.store, emb, mode="hybrid", k=answer_k, fetch_k=50)
+            rows = []
+            for n, (q, v) in enumerate(zip(questions[:answers], vecs)):
+                hits, _ = r.search(q["question"], answer_k, query_vec=v)
+                text = "".join(_rag_pieces(gen, q["question"], hits, temperature=0.0, max_new_tokens=256)).strip()
+                chunks, ans = [h.chunk for h in hits], finish(q["question"], text, hits, float("nan"))
+                row = {"id": q.get("id", n), "question": q["question"], "answer": text, "cited": ans.cited,
+                       "attributed": ans.attributed, "cites_any": bool(ans.cited),
+                       "faithfulness": ev.faithfulness(text, ev.cited(text, chunks)),
+                       "faithfulness_to_sources": ev.faithfulness(text, chunks),
+                       "citation_precision": ev.citation_precision(text, chunks, q) if "source" in q else None,
+                       "attribution_precision": (sum(ev.is_relevant(chunks[i - 1], q) for i in ans.attributed)
+                                                 / len(ans.attributed)) if ans.attributed and "source" in q
+                       else None}
+                if "answer" in q:
+                    row.update(exact_match=ev.exact_match(text, q["answer"]), f1=ev.token_f1(text, q["answer"]))
+                if no_rag:
+                    bare = "".join(_rag_pieces(gen, q["question"], [], temperature=0.0, max_new_tokens=256)).strip()
+                    row.update(no_rag_answer=bare, no_rag_faithfulness=ev.faithfulness(bare, chunks))
+                    if "answer" in q:
+                        row.update(no_rag_exact_match=ev.exact_match(bare, q["answer"]),
+                                   no_rag_f1=ev.token_f1(bare, q["answer"]))
+                rows.append(row)
+                if progress is not None:
+                    progress("answer", n + 1, min(answers, len(questions)))
+            out["answers"] = ev.aggregate(rows)
+            out["answer_rows"] = rows
+        return out
+    finally:
+        idx.close()

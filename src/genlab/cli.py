@@ -501,6 +501,99 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def _where(items: list[str]) -> dict | None:
+    out = {}
+    for it in items or []:
+        key, sep, value = it.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--where {it!r}: write FIELD=VALUE, e.g. --where book=John or --where source=docs/*")
+        out[key] = value
+    return out or None
+
+
+def cmd_rag_index(a) -> int:
+    from . import api
+
+    bar = None
+    if not a.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="file", file=sys.stderr, dynamic_ncols=True, desc="index")
+
+    def progress(done, total, chunks):
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.set_postfix_str(f"{chunks} chunks embedded", refresh=False)
+            bar.refresh()
+
+    try:
+        rep = api.rag_index(a.docs, a.index, embedding=a.embedding, max_tokens=a.max_tokens, overlap=a.overlap,
+                            backend=a.backend, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    folder = api.index_folder(a.index)
+    print(f"index {folder}: {len(rep.added)} files embedded ({rep.chunks} chunks, {rep.chunks_per_s:.0f} chunks/s), "
+          f"{rep.unchanged} unchanged, {len(rep.removed)} removed")
+    print(f'ask it: genlab rag ask {a.index} "your question"')
+    return 0
+
+
+def cmd_rag_ask(a) -> int:
+    from . import api
+
+    res = api.rag_ask(a.index, a.question, run=a.run, mode=a.mode, k=a.k, where=_where(a.where), mmr=a.mmr,
+                      threshold=a.threshold, stream=not a.json, max_new_tokens=a.max_new_tokens,
+                      temperature=a.temperature, seed=a.seed)
+    if a.json:
+        print(json.dumps(res.to_dict(), indent=2, ensure_ascii=False))
+        return 0
+    for piece in res:
+        print(piece, end="", flush=True)
+    print()
+    ans = res.answer
+    if ans.found:
+        if ans.cited:
+            print("\nsources:")
+        elif ans.attributed:
+            print("\nsources (the model cited none; these hold the answer's words):")
+        else:
+            print("\n(the answer cites no source and matches none; the sources it was given:)")
+        for n in ans.cited or ans.attributed or range(1, len(ans.hits) + 1):
+            c = ans.hits[n - 1].chunk
+            print(f"  [{n}] {c.source}" + (f", {c.location}" if c.location else "") + f" (chars {c.start}-{c.end})")
+    return 0
+
+
+def cmd_rag_eval(a) -> int:
+    from . import api
+    from .core.checkpoint import atomic_write_json
+
+    def progress(stage, done, total):
+        if not a.quiet and (done == total or done % 50 == 0):
+            print(f"  {stage}: {done}/{total}", file=sys.stderr, flush=True)
+
+    res = api.rag_eval(a.index, a.qa, split=None if a.split == "all" else a.split, modes=a.modes.split(","), k=a.k,
+                       answers=a.answers, run=a.run, no_rag=a.no_rag, calibrate=a.calibrate, limit=a.limit,
+                       progress=progress)
+    print(f"{res['qa']} on {res['index']}: {res['questions']} questions ({res['split'] or 'all'})")
+    cols = ["hit@1", "hit@5", "hit@10", "mrr", "ndcg@10", "recall@10"]
+    print("| retrieval | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    for mode, m in res["retrieval"].items():
+        print(f"| {mode} | " + " | ".join(f"{m.get(c, float('nan')):.3f}" for c in cols) + " |")
+    if "threshold" in res:
+        print(f"\n'not found' threshold: cosine {res['threshold']} (saved in the index)")
+    if "answers" in res:
+        m = res["answers"]
+        print(f"\nanswers ({m['n']}): " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()
+                                                   if k != "n" and isinstance(v, float)))
+    if a.out:
+        atomic_write_json(Path(a.out), res)
+        print(f"results: {a.out}")
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -708,6 +801,61 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--write-tasks", metavar="DIR", help="write the built-in tasks as JSONL (and their train items as "
                     "chat JSONL for genlab finetune) to DIR")
     pr.set_defaults(fn=cmd_prompt)
+
+    rg = sub.add_parser("rag", help="retrieval-augmented generation: index documents, ask cited questions",
+                        formatter_class=fmt, description="Index your documents (or a built-in corpus), then ask "
+                        "questions answered from them with numbered citations.")
+    rsub = rg.add_subparsers(dest="rag_verb", metavar="ACTION", required=True)
+    ri = rsub.add_parser("index", help="index files, folders or built-in corpora", formatter_class=fmt,
+                         description="Files and folders of .txt .md .html .pdf .jsonl, or the built-in corpora "
+                         "shakespeare, kjv, wiki, news, perlfaq, pythondoc. Re-indexing embeds only new or changed "
+                         "files and drops files deleted from an indexed folder; an interrupted run resumes.")
+    ri.add_argument("docs", nargs="+", help="files, folders or built-in corpus names")
+    ri.add_argument("--index", required=True, help="index name (under indexes/) or folder")
+    ri.add_argument("--embedding", help="a local sentence-transformers folder (default: all-MiniLM-L6-v2)")
+    ri.add_argument("--max-tokens", type=int, help="chunk size in the embedding model's tokens (default 256; "
+                    "fixed when the index is made)")
+    ri.add_argument("--overlap", type=int, help="tokens shared by neighbouring chunks (default 32)")
+    ri.add_argument("--backend", default="sqlite", help="'sqlite' (embedded) or a postgresql:// connection string "
+                    "(PostgreSQL + pgvector)")
+    ri.set_defaults(fn=cmd_rag_index)
+    ra = rsub.add_parser("ask", help="answer a question from an index, with citations", formatter_class=fmt)
+    ra.add_argument("index", help="index name or folder")
+    ra.add_argument("question")
+    ra.add_argument("--run", help="the language model that answers (default: SmolLM2-135M-Instruct, imported to "
+                    "runs/smollm2 on first use)")
+    ra.add_argument("--mode", default="hybrid", choices=["dense", "sparse", "hybrid"], help="retrieval")
+    ra.add_argument("-k", type=int, default=3, help="sources given to the model")
+    ra.add_argument("--mmr", action="store_true", help="diversify the sources (maximal marginal relevance)")
+    ra.add_argument("--where", action="append", metavar="FIELD=VALUE",
+                    help="only chunks whose metadata match, e.g. --where book=John or --where source=docs/* "
+                    "(repeatable)")
+    ra.add_argument("--threshold", type=float, help="answer 'not found' under this cosine of the best chunk "
+                    "(default: the index's calibrated value)")
+    ra.add_argument("--max-new-tokens", type=int, default=256)
+    ra.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ra.add_argument("--seed", type=int, default=None)
+    ra.add_argument("--json", action="store_true", help="print the answer and its sources as JSON")
+    ra.set_defaults(fn=cmd_rag_ask)
+
+    re_ = rsub.add_parser("eval", help="score retrieval (and answers) on questions with gold passages",
+                          formatter_class=fmt, description="Questions: the built-in perlfaq (index the perlfaq "
+                          "corpus) or pythonfaq (index the pythondoc corpus), or a JSONL of {\"question\", "
+                          "\"answer\", \"source\", \"start\", \"end\"} lines (the gold passage as character offsets "
+                          "in its source). Built-in sets are split once into a tuning and a reported half.")
+    re_.add_argument("index", help="index name or folder")
+    re_.add_argument("qa", help="perlfaq, pythonfaq or a JSONL file")
+    re_.add_argument("--split", default="report", choices=["report", "tune", "all"])
+    re_.add_argument("--modes", default="dense,sparse,hybrid", help="retrieval modes to score")
+    re_.add_argument("-k", type=int, default=10, help="chunks retrieved per question")
+    re_.add_argument("--answers", type=int, default=0, help="also generate and score the first N answers")
+    re_.add_argument("--no-rag", action="store_true", help="with --answers: also answer without sources (baseline)")
+    re_.add_argument("--run", help="the answering model (default: SmolLM2-135M-Instruct)")
+    re_.add_argument("--calibrate", action="store_true", help="set the index's 'not found' threshold from the "
+                     "tuning half")
+    re_.add_argument("--limit", type=int, help="only the first N questions")
+    re_.add_argument("--out", help="write all results (and each answer) to this JSON file")
+    re_.set_defaults(fn=cmd_rag_eval)
 
     m = sub.add_parser("import", help="import a pretrained model as a run", formatter_class=fmt,
                        description="Import a pretrained language model as a genlab run folder that genlab.load, "

