@@ -122,3 +122,42 @@ def test_a_question_far_from_every_chunk_is_answered_not_found(store):
         Retriever(store, FakeEmbedder(), mode="fuzzy")
     with pytest.raises(DataError, match="empty"):
         r.search("   ")
+
+
+class WordEmbedder(FakeEmbedder):
+    def __call__(self, texts):
+        return unit(np.random.default_rng(7), len(texts))
+
+    @staticmethod
+    def count_tokens(text):
+        return len(text.split())
+
+
+def test_an_interrupted_ingest_resumes_and_reindexing_embeds_only_changes(tmp_path):
+    from genlab.rag.ingest import update_index
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name in "abc":
+        (docs / f"{name}.txt").write_text(f"file {name} says hello.\n\nA second paragraph of {name}.\n")
+    idx = Index.create(tmp_path / "ix", "fake", 8, Chunking(16, 2))
+
+    def stop_after_first(done, total, chunks):
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        update_index(idx, [str(docs)], WordEmbedder(), progress=stop_after_first)
+    assert len(idx.store.files()) == 1  # the finished file is kept, whole
+    rep = update_index(idx, [str(docs)], WordEmbedder())
+    assert (len(rep.added), rep.unchanged, rep.removed) == (2, 1, [])
+    (docs / "b.txt").write_text("changed.\n")
+    (docs / "c.txt").unlink()
+    rep = update_index(idx, [str(docs)], WordEmbedder())
+    assert [k.rsplit("/", 1)[1] for k in rep.added] == ["b.txt"] and rep.unchanged == 1 and len(rep.removed) == 1
+    with pytest.raises(DataError, match="no chunk"):
+        idx.store.get([10_000])
+    texts = {h.chunk.source: h.chunk.text for h in idx.store.sparse("changed hello", 10)}
+    assert texts == {"a.txt": "file a says hello.\n\nA second paragraph of a.", "b.txt": "changed."}
+    assert json.loads((tmp_path / "ix" / "manifest.json").read_text())["files"] == idx.store.files()
+    idx.close()

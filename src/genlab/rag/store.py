@@ -153,11 +153,15 @@ class SQLiteStore:
         marks = ",".join("?" * len(chunk_ids))
         rows = {r[0]: r[1:] for r in self.db.execute(
             f"SELECT id, source, text, start_char, end_char, location, meta FROM chunks WHERE id IN ({marks})", chunk_ids)}
+        if missing := [i for i in chunk_ids if i not in rows]:
+            raise DataError(f"no chunk with id {missing[0]} in {self.path}")
         return [Chunk(s, t, a, b, loc, json.loads(m)) for s, t, a, b, loc, m in (rows[i] for i in chunk_ids)]
 
     def vectors(self, chunk_ids: list[int]) -> np.ndarray:
         marks = ",".join("?" * len(chunk_ids))
         rows = dict(self.db.execute(f"SELECT id, vec FROM chunks WHERE id IN ({marks})", chunk_ids))
+        if missing := [i for i in chunk_ids if i not in rows]:
+            raise DataError(f"no chunk with id {missing[0]} in {self.path}")
         return np.stack([np.frombuffer(rows[i], dtype=np.float32) for i in chunk_ids]) if chunk_ids else \
             np.zeros((0, self.dim), np.float32)
 
