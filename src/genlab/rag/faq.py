@@ -125,10 +125,15 @@ def _perl_pod_dir() -> Path:
     return Path(max(dirs, key=lambda d: [int(x) for x in re.findall(r"\d+", os.path.basename(d))]))
 
 
-def perlfaq_documents() -> list[Document]:
-    """The nine perlfaq pages as Documents, source "perlfaq/perlfaq4.pod"."""
+def _perlfaq_pages() -> list[Document]:
     files = sorted(_perl_pod_dir().glob("perlfaq[1-9].pod"))
     return [pod_to_document(f.read_text(encoding="utf-8", errors="replace"), f"perlfaq/{f.name}") for f in files]
+
+
+def perlfaq_documents() -> list[Document]:
+    """The nine perlfaq pages as Documents, source "perlfaq/perlfaq4.pod", with the questions' own heading
+    lines left out of the text (each answer's span keeps its question as its location): see `qa_set`."""
+    return [without_questions(d, "question", lambda h: True)[0] for d in _perlfaq_pages()]
 
 
 # ---------------------------------------------------------------------------------------------- reST -> text
@@ -210,7 +215,12 @@ def rst_to_document(rst: str, source: str) -> Document:
 
 def pythondoc_documents() -> list[Document]:
     """Every page of the Python 3.11 documentation sources, source "python/faq/programming.rst" (deduplicated
-    by real path: some installs hold a symlinked second copy)."""
+    by real path: some installs hold a symlinked second copy); the FAQ pages without their question headings."""
+    return [without_questions(d, "heading", _is_question)[0] if d.source.startswith("python/faq/") else d
+            for d in _python_pages()]
+
+
+def _python_pages() -> list[Document]:
     if not PYTHON_SOURCES.is_dir():
         raise DataError("the Python FAQ needs Debian python3.11-doc: sudo apt-get install python3.11-doc")
     seen: set[str] = set()
@@ -258,16 +268,47 @@ def _questions(doc: Document, key: str, keep) -> list[dict]:
     return out
 
 
+def without_questions(doc: Document, key: str, keep) -> tuple[Document, list[dict]]:
+    """The document with the heading lines of its questions (spans whose meta[key] passes `keep`) cut out of
+    its text, and its questions with their answers' offsets in that text. A question's words must not be in the
+    indexed text, or retrieval is matching the question to itself: only the answer is indexed, and the span
+    keeps the question as its location (what a citation shows)."""
+    questions = _questions(doc, key, keep)
+    cuts = []  # (start, end) of each question heading and the blank lines after it
+    for span in doc.spans:
+        heading = span.meta.get(key)
+        if heading is not None and keep(heading):
+            end = span.start + len(heading)
+            end += len(doc.text[end:]) - len(doc.text[end:].lstrip())
+            cuts.append((span.start, end))
+
+    def moved(pos: int) -> int:  # an offset of the old text in the new one
+        return pos - sum(min(e, pos) - a for a, e in cuts if a < pos)
+
+    text = "".join(doc.text[b:a] for b, a in zip([0] + [e for _, e in cuts], [a for a, _ in cuts] + [len(doc.text)]))
+    spans = [Span(moved(sp.start), moved(sp.end), sp.location, sp.meta) for sp in doc.spans]
+    for q in questions:
+        q["start"], q["end"] = moved(q["start"]), moved(q["end"])
+        q["answer"] = text[q["start"] : q["end"]]
+    return Document(doc.source, text, doc.meta, spans), questions
+
+
 def qa_set(name: str) -> tuple[list[Document], list[dict]]:
-    """(documents to index, questions) of a built-in question set: "perlfaq" (306 questions in 9 pages) or
-    "pythonfaq" (176 questions in the FAQ pages, indexed with every other page of the Python docs)."""
+    """(documents to index, questions) of a built-in question set: "perlfaq" (306 questions in 9 pages; index
+    the perlfaq corpus) or "pythonfaq" (176 questions in the FAQ pages, indexed with every other page of the
+    Python docs: the pythondoc corpus). The questions' headings are not in the documents (`without_questions`):
+    each question is scored against its own answer passage, found by its words and not by the question's."""
     if name == "perlfaq":
-        docs = perlfaq_documents()
-        return docs, [q for d in docs for q in _questions(d, "question", lambda h: True)]
+        pairs = [without_questions(d, "question", lambda h: True) for d in _perlfaq_pages()]
+        return [d for d, _ in pairs], [q for _, qs in pairs for q in qs]
     if name == "pythonfaq":
-        docs = pythondoc_documents()
-        faq = [d for d in docs if d.source.startswith("python/faq/")]
-        return docs, [q for d in faq for q in _questions(d, "heading", _is_question)]
+        docs, questions = [], []
+        for d in _python_pages():
+            if d.source.startswith("python/faq/"):
+                d, qs = without_questions(d, "heading", _is_question)
+                questions += qs
+            docs.append(d)
+        return docs, questions
     raise ConfigError(f"unknown question set {name!r}; known: {', '.join(QA_SETS)}")
 
 

