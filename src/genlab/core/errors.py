@@ -19,3 +19,12 @@ class CheckpointError(GenlabError):
 
 class TrainingDiverged(GenlabError):
     """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class GuardrailRefusal(GenlabError):
+    """A guardrail refused a text (an input, a retrieved passage or an output); `verdict` says which check and why."""
+
+    def __init__(self, verdict, stage: str):
+        self.verdict, self.stage = verdict, stage
+        why = "; ".join(dict.fromkeys(f"{f.check}: {f.reason}" for f in verdict.findings if f.action == "refuse"))
+        super().__init__(f"refused by the guardrails ({stage}): {why}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
@@ -42,17 +41,16 @@ def image_format(path: str | Path) -> str:
     return IMAGE_FORMATS[suffix]
 
 
-def save_png(picture: np.ndarray, path: str | Path, scale: int = 1) -> Path:
+def save_png(picture: np.ndarray, path: str | Path, scale: int = 1, metadata: dict | None = None) -> Path:
     """Write a uint8 picture (H, W) or (H, W, 3) atomically in the format its name asks for (PNG, JPEG at quality
-    95, ...; see `image_format`); `scale` enlarges it (nearest)."""
-    from PIL import Image
+    95, ...; see `image_format`); `scale` enlarges it (nearest). `metadata` (provenance: model, seed, settings)
+    goes into PNG text chunks (a JPEG comment for .jpg; other formats carry none); see genlab.safety.provenance."""
+    from ..safety.provenance import encode_picture
 
     fmt = image_format(path)
     if scale > 1:
         picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
-    buf = io.BytesIO()
-    Image.fromarray(picture).save(buf, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, encode_picture(picture, fmt, metadata))
     return Path(path)
 
 
@@ -80,19 +78,34 @@ def _captioned(picture: np.ndarray, n: int, nrow: int, cell: tuple[int, int], pa
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
-              captions: list[str] | None = None) -> Path:
+              captions: list[str] | None = None, metadata: dict | None = None,
+              watermark_key: str | None = None) -> Path:
     """A grid of uint8 images written as the file's suffix says (PNG by default); small images (<= 16 px) are
-    enlarged so they can be seen. `captions` (one per image, e.g. class names) are written under the images."""
+    enlarged so they can be seen. `captions` (one per image, e.g. class names) are written under the images.
+    `metadata` (provenance) is written into the file together with the grid's layout, so a detector can find the
+    tiles. `watermark_key`: each image is watermarked on its own BEFORE gridding, so every tile (also one cropped
+    out of the grid) carries the whole watermark."""
     scale = 4 if images.shape[-1] <= 16 else (2 if images.shape[-1] <= 32 else 1)
+    if watermark_key is not None:
+        from ..safety.provenance import embed_image_watermark, payload_for, watermark_info
+
+        payload = payload_for(metadata)
+        images = embed_image_watermark(images, watermark_key, payload=payload)
+        metadata = {**(metadata or {}), "watermark": watermark_info(images.shape[-2:], payload)}
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    if metadata is not None:
+        h, w = images.shape[-2:]
+        metadata = {**metadata, "grid": {"n": len(images), "nrow": nrow, "tile": [h * scale, w * scale],
+                                         "pad": 2 * scale, "band": 12 if captions else 0}}
     if not captions:
-        return save_png(make_grid(images, nrow), path, scale=scale)
+        return save_png(make_grid(images, nrow), path, scale=scale, metadata=metadata)
     if len(captions) != len(images):
         raise ConfigError(f"{len(captions)} captions for {len(images)} images")
     big = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3) if scale > 1 else images
-    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
     pad = 2 * scale
     picture = make_grid(big, nrow, pad=pad)
-    return save_png(_captioned(picture, len(images), nrow, tuple(big.shape[-2:]), pad, captions), path)
+    return save_png(_captioned(picture, len(images), nrow, tuple(big.shape[-2:]), pad, captions), path,
+                    metadata=metadata)
 
 
 def read_image(path: str | Path, channels: int) -> torch.Tensor:
