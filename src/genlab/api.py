@@ -259,8 +259,12 @@ class _Preview:
         images = model.sample(self.n, generator=torch.Generator().manual_seed(0))  # labels cycle the classes
         nrow = min(len(names), self.n) if names else None
         captions = [names[i % len(names)] for i in range(self.n)] if names else None
-        save_grid(images, self.folder / f"step_{step:07d}.png", nrow=nrow, captions=captions)
-        save_grid(images, self.folder / "latest.png", nrow=nrow, captions=captions)
+        from . import __version__
+
+        meta = {"generator": "genlab", "genlab_version": __version__, "run": self.folder.parent.name,
+                "family": model.config.family, "content": "training preview", "step": step, "seed": 0}
+        save_grid(images, self.folder / f"step_{step:07d}.png", nrow=nrow, captions=captions, metadata=meta)
+        save_grid(images, self.folder / "latest.png", nrow=nrow, captions=captions, metadata=meta)
 
 
 _RESUMABLE_CHANGES = {"name", "out_dir", "train.max_steps", "train.max_minutes", "train.progress", "train.log_every",
@@ -460,24 +464,42 @@ def generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     stream: bool = False,
+    guard=None,
     **controls,
 ) -> list[str] | Iterator[TextDelta]:
     """Continue `prompt` (or each of a list) `n` times. Controls: max_new_tokens, temperature, top_k, top_p,
     repetition_penalty, stop. Returns the continuations only, without the prompt (`genlab generate` on the command
-    line prints prompt + continuation). With `stream=True`, an iterator of `TextDelta(index, text, done)`."""
+    line prints prompt + continuation). With `stream=True`, an iterator of `TextDelta(index, text, done)`.
+    `guard`: guardrails (True for the default checks, a TOML path, or a `safety.guardrails.Guardrails`): the
+    prompt is checked (refused: `GuardrailRefusal`; redacted: the model sees the redacted prompt) and so is the
+    output (a stream is released a line or sentence at a time, see `Guardrails.stream`)."""
     run = _as_run(run)
     if run.tokenizer is None:
         raise CheckpointError(f"{run.path} has no tokenizer.json: it is not a language-model run")
     controls = _text_controls(run, n, controls)
     cfg = SamplingConfig(**controls)
+    guard = _guardrails(guard)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if guard is not None:
+        prompts = [guard.enforce(p, "input") for p in prompts]
     batch = [p for p in prompts for _ in range(n)]
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
     kw = {"generator": generator, "start_id": run.start_id(), "eos_id": run.eos_id()}
     if stream:
-        return stream_text(run.model, run.tokenizer, batch, cfg, **kw)
-    return generate_text(run.model, run.tokenizer, batch, cfg, **kw)
+        it = stream_text(run.model, run.tokenizer, batch, cfg, **kw)
+        return it if guard is None else guard.stream(it, "output")
+    out = generate_text(run.model, run.tokenizer, batch, cfg, **kw)
+    return out if guard is None else [guard.enforce(t, "output") for t in out]
+
+
+def _guardrails(guard):
+    """`guard=` of generate, chat and rag_ask as a `Guardrails` (or None); safety/ is imported only when used."""
+    if guard is None or guard is False:
+        return None
+    from .safety.guardrails import as_guardrails
+
+    return as_guardrails(guard)
 
 
 def chat(
@@ -488,13 +510,15 @@ def chat(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     stream: bool = False,
+    guard=None,
     **controls,
 ) -> str | list[str] | Iterator[TextDelta]:
     """The assistant's reply to an OpenAI-style conversation `messages` ([{"role": "system"|"user"|"assistant",
     "content": ...}, ...]), rendered with the run's own chat template. Same controls as `generate`
     (max_new_tokens defaults to 512 here, or what a short context leaves); the reply ends at the model's end-of-turn token. Returns the reply
     text (a list of `n` replies when n > 1), or with `stream=True` an iterator of `TextDelta`s. When the
-    conversation is longer than the context, the oldest turns after the system prompt are left out (logged)."""
+    conversation is longer than the context, the oldest turns after the system prompt are left out (logged).
+    `guard`: as `generate`; every user message is checked as input, the reply as output."""
     run = _as_run(run)
     if run.tokenizer is None or run.modality != "text":
         raise ConfigError(f"{run.path} is not a language-model run: there is nothing to chat with")
@@ -505,6 +529,11 @@ def chat(
                           "prompt, or chat with an instruct model: genlab import smollm2 runs/smollm2")
     controls = _text_controls(run, n, controls)
     cfg = SamplingConfig(**controls)  # checks the controls before any work
+    guard = _guardrails(guard)
+    if guard is not None:
+        messages = [{**m, "content": guard.enforce(m["content"], "input")}
+                    if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str) else m
+                    for m in messages]
     ctx = run.model.context_size or 10**9
     if "max_new_tokens" in controls:
         ids = _chat_prompt(run, template, messages, cfg.max_new_tokens)
@@ -515,12 +544,49 @@ def chat(
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
     it = stream_text(run.model, run.tokenizer, [ids] * n, cfg, generator=generator, eos_id=eos)
+    if guard is not None:
+        it = guard.stream(it, "output")
     if stream:
         return it
     out = [""] * n
     for d in it:
         out[d.index] += d.text
     return out[0] if n == 1 else out
+
+
+def detect_watermark(text: str, run_or_tokenizer: Run | str | Path, key: str | int, **settings):
+    """Test `text` for the green-list watermark of `key` (Kirchenbauer et al. 2023) -> `WatermarkResult` (z-score,
+    one-sided p-value, tokens scored, verdict). `run_or_tokenizer`: a loaded run, a run folder (only its
+    tokenizer.json and config.json are read) or a tokenizer.json file. Settings: gamma, context_width, hashing
+    (the scheme's, as at generation; delta is not needed), fpr (default 1e-3), min_tokens, ignore_repeated,
+    vocab_size (the model's logits width; read from the run, else the tokenizer's)."""
+    from .sampling.watermark import WatermarkConfig, detect_text
+
+    scheme = {k: settings.pop(k) for k in ("gamma", "delta", "context_width", "hashing") if k in settings}
+    cfg = WatermarkConfig(key=key, **scheme)
+    vocab = settings.pop("vocab_size", None)
+    if isinstance(run_or_tokenizer, Run):
+        tok, vocab = run_or_tokenizer.tokenizer, vocab or getattr(run_or_tokenizer.model.config, "vocab_size", None)
+        where = run_or_tokenizer.path
+    else:
+        where = Path(run_or_tokenizer)
+        if where.is_dir():
+            if not (where / ckpt.TOKENIZER).is_file():
+                raise CheckpointError(f"{where} has no tokenizer.json: it is not a language-model run")
+            saved = ckpt.read_model_config(where)
+            vocab = vocab or (saved.get("model") or {}).get("vocab_size") or None
+            tok = load_tokenizer(where / ckpt.TOKENIZER)
+        elif where.is_file():
+            tok = load_tokenizer(where)
+        else:
+            raise CheckpointError(f"{where}: no such run folder or tokenizer.json (the run whose tokenizer made the "
+                                  "text; SmolLM2 is imported with: genlab import smollm2 runs/smollm2)")
+    if tok is None:
+        raise CheckpointError(f"{where} has no tokenizer: it is not a language-model run")
+    if unknown := sorted(set(settings) - {"fpr", "min_tokens", "ignore_repeated"}):
+        raise ConfigError(f"unknown watermark detection setting(s) {unknown}; known: context_width, fpr, gamma, "
+                          "hashing, ignore_repeated, min_tokens, vocab_size")
+    return detect_text(text, tok, cfg, vocab_size=vocab, **settings)
 
 
 def _chat_prompt(run: Run, template, messages, max_new_tokens: int) -> list[int]:
@@ -1198,7 +1264,7 @@ def _rag_generator(run: Run | str | Path | None) -> Run:
     return load(DEFAULT_GENERATOR)
 
 
-def _rag_pieces(gen: Run, question: str, hits, **controls) -> Iterator[str]:
+def _rag_pieces(gen: Run, question: str, hits, guard=None, **controls) -> Iterator[str]:
     """The generator's answer as text pieces: the question with its numbered sources, in the run's chat template
     (or as plain text for a model without one). No hits: the bare question (the no-retrieval baseline)."""
     from .rag.answer import build_completion, build_messages
@@ -1209,18 +1275,22 @@ def _rag_pieces(gen: Run, question: str, hits, **controls) -> Iterator[str]:
     else:
         prompt = build_completion(question, hits) if hits else f"Question: {question}\nAnswer:"
         it = generate(gen, prompt, stream=True, **{"stop": ["\n\n"], **controls})
+    if guard is not None:  # the output only: the question and passages were checked before the prompt was built
+        it = guard.stream(it, "output")
     return (d.text for d in it)
 
 
 def rag_ask(index: str | Path, question: str, *, run: Run | str | Path | None = None, mode: str = "dense",
             k: int = 3, where: dict | None = None, mmr: bool = False, threshold: float | None = None,
-            stream: bool = False, retriever=None, **controls):
+            stream: bool = False, retriever=None, guard=None, **controls):
     """Answer `question` from the index's chunks with a language model (SmolLM2-135M-Instruct by default),
     citing the numbered sources. Retrieval is dense by default (it beat BM25 and hybrid on the tuning halves of
     both FAQ sets). When the best chunk's cosine with the question is under `threshold` (the index's calibrated
     value, else the embedding model's default), it answers NOT_FOUND instead. Returns an `Answer`, or with
     `stream=True` an `AnswerStream` (iterate it for the text; `.answer` afterwards). Controls as `chat`;
-    greedy (temperature 0) and 256 new tokens unless given."""
+    greedy (temperature 0) and 256 new tokens unless given. `guard`: guardrails as `generate`: the question is
+    checked as input, each retrieved passage before it enters the prompt (a refused one is left out, a redacted
+    one goes in redacted; none left: "not found"), the answer as output."""
     from .rag.answer import AnswerStream, finish, not_found
     from .rag.retrieve import DEFAULT_THRESHOLDS, Embedder, Retriever
     from .rag.store import Index
@@ -1231,15 +1301,33 @@ def rag_ask(index: str | Path, question: str, *, run: Run | str | Path | None = 
                               fetch_k=max(50, k), use_mmr=mmr, where=where)
         if threshold is None:
             threshold = idx.manifest.get("threshold", DEFAULT_THRESHOLDS.get(idx.embedding))
+    guard = _guardrails(guard)
+    if guard is not None:
+        question = guard.enforce(question, "input")
     hits, relevance = retriever.search(question, k)
+    if guard is not None:
+        hits = _guard_passages(guard, hits)
     if not hits or (threshold is not None and not math.isnan(relevance) and relevance < threshold):  # nan: sparse
         ans = not_found(question, hits, relevance)
         return AnswerStream(question, iter([ans.text]), hits, relevance, done=ans) if stream else ans
     controls = {"temperature": 0.0, "max_new_tokens": 256, **controls}
-    pieces = _rag_pieces(_rag_generator(run), question, hits, **controls)
+    pieces = _rag_pieces(_rag_generator(run), question, hits, guard, **controls)
     if stream:
         return AnswerStream(question, pieces, hits, relevance)
     return finish(question, "".join(pieces), hits, relevance)
+
+
+def _guard_passages(guard, hits) -> list:
+    """The retrieved passages the guardrails let into the prompt: refused ones left out, redacted ones replaced."""
+    kept = []
+    for h in hits:
+        v = guard.check(h.chunk.text, "passage")
+        if v.refused:
+            log.warning("guardrails: left out a retrieved passage of %s (%s)", h.chunk.source,
+                        "; ".join(sorted({f"{f.check}: {f.reason}" for f in v.findings if f.action == "refuse"})))
+        else:
+            kept.append(dataclasses.replace(h, chunk=dataclasses.replace(h.chunk, text=v.text)) if v.changed else h)
+    return kept
 
 
 
@@ -1329,3 +1417,52 @@ def rag_eval(index: str | Path, qa: str | Path, *, split: str | None = "report",
         return out
     finally:
         idx.close()
+
+
+# ---- what the server needs from a run (serve/ calls these; it holds no model logic) ----
+
+def text_request(run: Run, *, prompt: str | None = None, messages: list[dict] | None = None,
+                 max_new_tokens: int | None = None) -> tuple[list[int], set[int], int]:
+    """A completion (`prompt`) or chat (`messages`) request as token ids -> (prompt ids, the ids that end a sample,
+    max_new_tokens: as given, else 16 for a completion (OpenAI's default) and for a chat what `chat` uses).
+    A prompt longer than the context leaves is a ConfigError (the server answers 400)."""
+    if run.tokenizer is None or run.modality != "text":
+        raise ConfigError(f"{run.path.name} is not a language model")
+    ctx = run.model.context_size or 10**9
+    if messages is not None:
+        template = run.chat_template()
+        if template is None:
+            raise ConfigError(f"{run.path.name} has no chat template: it continues text; use /v1/completions")
+        ids = _chat_prompt(run, template, messages, max_new_tokens or min(512, ctx // 2))
+        eos = set(run.turn_end_ids(template))
+        default = min(512, ctx - len(ids))
+    else:
+        ids = run.tokenizer.encode(prompt) if prompt else [run.start_id()]
+        eos = {run.eos_id()} if run.eos_id() is not None else set()
+        default = 16
+    if len(ids) >= ctx:
+        raise ConfigError(f"the prompt is {len(ids)} tokens; {run.path.name} has a context of {ctx} tokens")
+    return ids, eos, max_new_tokens if max_new_tokens is not None else max(1, min(default, ctx - len(ids)))
+
+
+def embedder(model: str | Path | None = None):
+    """A sentence-embedding model (all-MiniLM-L6-v2 by default): call it on a list of texts -> unit vectors."""
+    from .rag.retrieve import Embedder
+
+    return Embedder(model)
+
+
+def image_options(run: Run) -> dict[str, Any]:
+    """What an image run offers a client: its size, classes, samplers and whether it inpaints."""
+    cfg = run.model.config
+    own = _sample_options(MODELS.get(run.family))
+    samplers = None
+    if "sampler" in own:
+        from .sampling.diffusion import SAMPLERS
+
+        samplers = list(SAMPLERS.names())
+    return {"family": run.family, "image_size": [cfg.channels, cfg.image_size, cfg.image_size],
+            "classes": list(run.class_names) if run.class_names and getattr(cfg, "conditional", False) else None,
+            "samplers": samplers, "default_sampler": getattr(cfg, "sampler", None) if samplers else None,
+            "default_steps": getattr(cfg, "steps", None) if samplers else None,
+            "guidance": "guidance" in own, "inpaint": hasattr(run.model, "inpaint"), "options": sorted(own)}

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .core.errors import ConfigError, GenlabError
+from .core.errors import ConfigError, GenlabError, GuardrailRefusal
 from .sampling.image import image_format, read_image, save_grid
 
 log = logging.getLogger("genlab")
@@ -49,7 +49,57 @@ def cmd_train(a) -> int:
 
 def _controls(a) -> dict:
     return {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p,
-            "repetition_penalty": a.repetition_penalty, "stop": tuple(unescape(s) for s in a.stop or ())}
+            "repetition_penalty": a.repetition_penalty, "stop": tuple(unescape(s) for s in a.stop or ()),
+            "watermark": _watermark_arg(a)}
+
+
+def _watermark_arg(a):
+    """--watermark-key [--watermark-delta D --watermark-gamma G] -> a WatermarkConfig (None without a key)."""
+    from .sampling.watermark import WatermarkConfig
+
+    scheme = {k: v for k, v in (("delta", a.watermark_delta), ("gamma", a.watermark_gamma)) if v is not None}
+    if a.watermark_key is None:
+        if scheme:
+            raise ConfigError("--watermark-delta/--watermark-gamma need --watermark-key (the secret key)")
+        return None
+    return WatermarkConfig(key=a.watermark_key, **scheme)
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def cmd_watermark_detect(a) -> int:
+    """Text: the green-list z-test; an image file: the image watermark detector. Exit 0 whatever the verdict."""
+    if a.file != "-" and Path(a.file).suffix.lower() in _IMAGE_SUFFIXES:
+        if not Path(a.file).is_file():
+            raise ConfigError(f"image not found: {a.file}")
+        from .safety.provenance import detect_image_watermark
+
+        print(json.dumps(detect_image_watermark(a.file, a.key).to_dict(), indent=2, default=str))
+        return 0
+    from . import api
+
+    if a.file == "-":
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(a.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {a.file} as UTF-8 text: {e}") from None
+    settings = {k: v for k, v in (("gamma", a.gamma), ("context_width", a.context_width), ("hashing", a.hashing))
+                if v is not None}
+    res = api.detect_watermark(text, a.run, a.key, fpr=a.fpr, **settings)
+    if a.json:
+        print(json.dumps(res.to_dict(), indent=2))
+        return 0
+    fmt = (lambda v, f: "-" if v is None else format(v, f))
+    print(f"z-score {fmt(res.z_score, '.2f')}   p-value {fmt(res.p_value, '.3g')} (one-sided)   "
+          f"tokens scored {res.num_scored} of {res.num_tokens} (green {res.num_green})")
+    if res.verdict == "too short to judge":
+        print(f"verdict: too short to judge ({res.num_scored} tokens scored, at least {res.min_tokens} needed)")
+    else:
+        print(f"verdict: {res.verdict} (at a false-positive rate of {res.fpr:g})")
+    return 0
 
 
 def cmd_generate(a) -> int:
@@ -69,12 +119,12 @@ def cmd_generate(a) -> int:
             for i in range(a.n):
                 _header(a, i)
                 seed = None if a.seed is None else a.seed + i
-                for d in api.chat(run, messages, seed=seed, stream=True, **controls):
+                for d in api.chat(run, messages, seed=seed, stream=True, guard=a.guard, **controls):
                     sys.stdout.write(d.text)
                     sys.stdout.flush()
                 sys.stdout.write("\n")
             return 0
-        replies = api.chat(run, messages, n=a.n, seed=a.seed, **controls)
+        replies = api.chat(run, messages, n=a.n, seed=a.seed, guard=a.guard, **controls)
         for i, text in enumerate([replies] if a.n == 1 else replies):
             _header(a, i)
             print(text)
@@ -84,7 +134,7 @@ def cmd_generate(a) -> int:
     if controls["max_new_tokens"] is None:
         controls["max_new_tokens"] = 200
     if a.stream:
-        it = api.generate(run, prompt, n=a.n, seed=a.seed, stream=True, **controls)
+        it = api.generate(run, prompt, n=a.n, seed=a.seed, stream=True, guard=a.guard, **controls)
         current, pending, finished = 0, {}, set()
         _header(a, 0)
         sys.stdout.write(prompt)
@@ -104,7 +154,7 @@ def cmd_generate(a) -> int:
                     sys.stdout.write(prompt + pending.pop(current, ""))
                     sys.stdout.flush()
         return 0
-    for i, text in enumerate(api.generate(run, prompt, n=a.n, seed=a.seed, **controls)):
+    for i, text in enumerate(api.generate(run, prompt, n=a.n, seed=a.seed, guard=a.guard, **controls)):
         _header(a, i)
         print(prompt + text)
     return 0
@@ -173,10 +223,15 @@ def cmd_chat(a) -> int:
         sys.stdout.write("assistant> ")
         sys.stdout.flush()
         reply = ""
-        for d in api.chat(run, messages, generator=generator, stream=True, **controls):
-            reply += d.text
-            sys.stdout.write(d.text)
-            sys.stdout.flush()
+        try:
+            for d in api.chat(run, messages, generator=generator, stream=True, guard=a.guard, **controls):
+                reply += d.text
+                sys.stdout.write(d.text)
+                sys.stdout.flush()
+        except GuardrailRefusal as e:  # the conversation goes on without the refused turn
+            print(f"\n({e})")
+            messages.pop()
+            continue
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": reply})
     return 0
@@ -224,20 +279,26 @@ def cmd_sample(a) -> int:
         raise ConfigError(f"--max-new-tokens applies to language models; {a.run} is a {run.family} run")
     out_path = a.out or "samples.png"
     image_format(out_path)  # a name whose format is unknown fails before the sampling, not after
+    key = _output_checks(a, out_path)
+    seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "big") >> 1  # recorded: reproducible
     traj = None
     if a.trajectory:
         from .sampling.diffusion import Trajectory
 
         image_format(a.trajectory)
         traj = diffusion["callback"] = Trajectory(rows=min(a.n, 4), frames=a.frames)
-    images = api.sample(run, a.n, seed=a.seed, labels=labels, temperature=a.temperature, **diffusion)
+    images = api.sample(run, a.n, seed=seed, labels=labels, temperature=a.temperature, **diffusion)
     captions, nrow = _captions(run, labels, a.n), a.nrow
     if captions and labels is None and nrow is None:
         nrow = min(len(run.class_names), a.n)  # the labels cycle through the classes: one column per class
-    out = save_grid(images, out_path, nrow=nrow, captions=captions)
-    print(f"wrote {len(images)} samples from {a.run} to {out}")
+    meta = _provenance(a, run, seed=seed, n=a.n, labels=captions or labels, temperature=a.temperature,
+                       **{k: v for k, v in diffusion.items() if k != "callback"})
+    out = save_grid(images, out_path, nrow=nrow, captions=captions, metadata=meta, watermark_key=key)
+    _sign(a, out, meta)
+    print(f"wrote {len(images)} samples from {a.run} to {out}" + (" (watermarked)" if key else ""))
     if traj is not None:
-        path = save_grid(traj.images(), a.trajectory, nrow=min(a.frames, a.steps or a.frames))
+        path = save_grid(traj.images(), a.trajectory, nrow=min(a.frames, a.steps or a.frames),
+                         metadata=meta and {**meta, "content": "denoising trajectory"})
         print(f"wrote the denoising path of {traj.rows} samples to {path} (per sample: noisy state, then the "
               "model's estimate of the clean image; left to right, noise to image)")
     return 0
@@ -270,15 +331,105 @@ def cmd_inpaint(a) -> int:
     from . import api
 
     run = api.load(a.run)
-    out = api.inpaint(run, a.image, a.mask, a.n, seed=a.seed, labels=_labels_arg(a.labels), sampler=a.sampler,
+    key = _output_checks(a, a.out)
+    seed = a.seed if a.seed is not None else int.from_bytes(os.urandom(4), "big") >> 1  # recorded: reproducible
+    out = api.inpaint(run, a.image, a.mask, a.n, seed=seed, labels=_labels_arg(a.labels), sampler=a.sampler,
                       steps=a.steps, schedule=a.schedule, guidance=a.guidance, resample=a.resample,
                       precision=a.precision)
     src = read_image(a.image, run.model.config.channels)
     hole = read_image(a.mask, 1)[0] > 127
     masked = src.clone()
     masked[:, hole] = 127
-    path = save_grid(torch.cat([src[None], masked[None], out]), a.out, nrow=a.n + 2)
+    meta = _provenance(a, run, seed=seed, n=a.n, labels=_labels_arg(a.labels), sampler=a.sampler, steps=a.steps,
+                       schedule=a.schedule, guidance=a.guidance, resample=a.resample, inpaint=_inputs(a))
+    if key is not None:  # only the completions are genlab's: the source image and its masked copy stay as given
+        from .safety.provenance import embed_image_watermark, payload_for, watermark_info
+
+        out = embed_image_watermark(out, key, payload=payload_for(meta))
+        meta["watermark"] = {**watermark_info(out.shape[-2:], payload_for(meta)), "tiles": list(range(2, a.n + 2))}
+    path = save_grid(torch.cat([src[None], masked[None], out]), a.out, nrow=a.n + 2, metadata=meta)
+    _sign(a, path, meta)
     print(f"wrote {a.out}: the image, the image with its masked area grey, then {a.n} completion(s) -> {path}")
+    return 0
+
+
+def _output_checks(a, out_path) -> str | None:
+    """--watermark's key (from --watermark-key or GENLAB_WATERMARK_KEY) and the --c2pa-* pair, checked before any
+    sampling: a mistake costs nothing."""
+    if (a.c2pa_key is None) != (a.c2pa_cert is None):
+        raise ConfigError("--c2pa-key and --c2pa-cert go together: the private key and its certificate chain")
+    if a.c2pa_key is not None:
+        if image_format(out_path) not in ("PNG", "JPEG"):
+            raise ConfigError(f"C2PA signing writes PNG or JPEG; {out_path} is neither")
+        for opt, f in (("--c2pa-key", a.c2pa_key), ("--c2pa-cert", a.c2pa_cert)):
+            if not Path(f).is_file():
+                raise ConfigError(f"{opt} {f}: no such file")
+    if not a.watermark:
+        if a.watermark_key:
+            raise ConfigError("--watermark-key is given but --watermark is not: add --watermark to mark the images")
+        return None
+    key = a.watermark_key or os.environ.get("GENLAB_WATERMARK_KEY")
+    if not key:
+        raise ConfigError("--watermark needs a key: --watermark-key K or the environment variable GENLAB_WATERMARK_KEY")
+    return key
+
+
+def _provenance(a, run, **settings) -> dict | None:
+    """The provenance written into the output (None with --no-metadata)."""
+    if a.no_metadata:
+        return None
+    from .safety.provenance import provenance_for
+
+    return provenance_for(run, **settings)
+
+
+def _inputs(a) -> dict:
+    from .safety.provenance import file_sha256
+
+    return {"image": Path(a.image).name, "image_sha256": file_sha256(a.image), "mask": Path(a.mask).name,
+            "mask_sha256": file_sha256(a.mask)}
+
+
+def _sign(a, path, meta) -> None:
+    if a.c2pa_key is not None:
+        from .safety.provenance import sign_c2pa
+
+        sign_c2pa(path, a.c2pa_key, a.c2pa_cert, meta)
+
+
+def cmd_provenance(a) -> int:
+    from .safety.provenance import detect_image_watermark, read_c2pa, read_provenance
+
+    meta = read_provenance(a.file)
+    c2pa = read_c2pa(a.file, a.trust)
+    key = a.watermark_key or os.environ.get("GENLAB_WATERMARK_KEY")
+    wm = None
+    if key:
+        from .safety.provenance import payload_for
+
+        wm = detect_image_watermark(a.file, key, payload=payload_for(meta)).to_dict()
+    if a.json:
+        print(json.dumps({"file": str(a.file), "provenance": meta, "c2pa": c2pa, "watermark": wm}, indent=2))
+        return 0
+    if meta:
+        print(f"{a.file}: genlab provenance")
+        for k, v in meta.items():
+            print(f"  {k}: {v if isinstance(v, str) else json.dumps(v)}")
+    else:
+        print(f"{a.file}: no genlab provenance (never written, or stripped: metadata does not survive re-encoding "
+              "or screenshots)")
+    if c2pa is None:
+        print("C2PA: no manifest")
+    else:
+        fails = ", ".join(c2pa["failures"]) or "none"
+        print(f"C2PA: {c2pa['validation_state']} (failures: {fails})")
+    if wm is not None:
+        verdict = "watermarked" if wm["watermarked"] else "not watermarked"
+        z = f"z = {wm['z']:.2f}, p = {wm['p_value']:.2g}" if wm["z"] is not None else wm["reason"]
+        extra = f", payload {wm['bits']}" if wm["watermarked"] and wm.get("bits") else ""
+        if wm.get("bit_accuracy") is not None and wm["watermarked"]:
+            extra += f" (bit accuracy {wm['bit_accuracy']:.2f} against the weights hash)"
+        print(f"watermark ({wm['method']}): {verdict} at FPR {wm['fpr']:g}: {z}{extra}")
     return 0
 
 
@@ -545,7 +696,7 @@ def cmd_rag_ask(a) -> int:
 
     res = api.rag_ask(a.index, a.question, run=a.run, mode=a.mode, k=a.k, where=_where(a.where), mmr=a.mmr,
                       threshold=a.threshold, stream=not a.json, max_new_tokens=a.max_new_tokens,
-                      temperature=a.temperature, seed=a.seed)
+                      temperature=a.temperature, seed=a.seed, guard=a.guard)
     if a.json:
         print(json.dumps(res.to_dict(), indent=2, ensure_ascii=False))
         return 0
@@ -594,6 +745,15 @@ def cmd_rag_eval(a) -> int:
     return 0
 
 
+def cmd_guard_check(a) -> int:
+    from .safety.guardrails import Guardrails
+
+    text = sys.stdin.read() if a.text == "-" else a.text
+    verdict = Guardrails.load(a.config).check(text, a.stage)
+    print(json.dumps(verdict.to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -605,6 +765,60 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text or action.default in (None, False, argparse.SUPPRESS, []) or action.nargs == 0:
             return text
         return super()._get_help_string(action)
+
+
+def cmd_serve(a) -> int:
+    import ipaddress
+
+    import uvicorn
+
+    from .serve.app import create_app
+
+    try:
+        loopback = ipaddress.ip_address(a.host).is_loopback
+    except ValueError:
+        loopback = a.host == "localhost"
+    if a.no_auth and not loopback:
+        raise ConfigError(f"--no-auth serves anyone who can reach {a.host}: only allowed on 127.0.0.1/localhost")
+    app = create_app(a.models, state_dir=a.state, auth=not a.no_auth, slots=a.slots, max_queue=a.max_queue,
+                     request_timeout=a.timeout, rag_generator=a.rag_generator, guard=a.guard,
+                     cors_origins=a.cors or (), watermark_key=a.watermark_key or os.environ.get("GENLAB_WATERMARK_KEY"))
+    srv = app.state.server
+    print(f"genlab serve: {', '.join(srv.models)} at http://{a.host}:{a.port}/v1 (playground: http://{a.host}:{a.port}/)",
+          flush=True)
+    if not a.no_auth and not any(not k.revoked for k in srv.keys.list()):
+        print(f"no API key yet: make one with `genlab keys create NAME --state {a.state}`", flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if a.quiet else "info", access_log=not a.quiet)
+    return 0
+
+
+def cmd_keys(a) -> int:
+    from .serve.auth import KeyStore
+
+    store = KeyStore(Path(a.state) / "keys.sqlite")
+    if a.keys_verb == "create":
+        key, secret = store.create(a.name, a.rate)
+        print(secret)
+        print(f"key {key.id} ({key.name}) made; this is the only time the key is shown", file=sys.stderr)
+    elif a.keys_verb == "list":
+        for k in store.list():
+            d = k.to_dict()
+            print(f"{d['id']}  {d['name']:<20} {d['created']}  rate={d['rate_per_minute'] or 'unlimited'}"
+                  f"{'  REVOKED' if k.revoked else ''}")
+    else:
+        for k in store.revoke(a.key):
+            print(f"revoked {k.id} ({k.name})")
+    return 0
+
+
+def cmd_audit(a) -> int:
+    from .serve.audit import verify
+
+    v = verify(Path(a.state) / "audit.sqlite")
+    for problem in v.problems:
+        print(f"BROKEN: {problem}")
+    print(f"{v.rows} rows; chain {'intact' if v.ok else 'BROKEN'}; head {v.head}")
+    return 0 if v.ok else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -645,6 +859,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system prompt")
     g.add_argument("--adapter", default=None, metavar="NAME",
                    help="a LoRA adapter of the run (runs/X/adapters/NAME) or an adapter folder (genlab's or peft's)")
+    _guard_arg(g)
     g.set_defaults(fn=cmd_generate)
 
     h = sub.add_parser("chat", help="chat with an instruct model in the terminal", formatter_class=fmt,
@@ -657,6 +872,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--load", default=None, metavar="FILE", help="continue a conversation saved with /save")
     h.add_argument("--adapter", default=None, metavar="NAME", help="a LoRA adapter of the run, or an adapter folder")
     _sampling_args(h, "512")
+    _guard_arg(h)
     h.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("sample", help="sample from a run: a PNG grid of images, or texts", formatter_class=fmt,
@@ -681,6 +897,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--trajectory", default=None, metavar="PNG",
                    help="diffusion: also draw the denoising path of the first (up to 4) samples into this PNG")
     s.add_argument("--frames", type=int, default=8, help="diffusion: steps shown per row in --trajectory")
+    _provenance_args(s)
     s.set_defaults(fn=cmd_sample)
 
     i = sub.add_parser("inpaint", help="fill in the masked part of an image with a diffusion run",
@@ -700,7 +917,21 @@ def _parser() -> argparse.ArgumentParser:
     _diffusion_args(i, sampler="ddpm (every training step)")
     i.add_argument("--resample", type=int, default=1,
                    help="RePaint resampling: repeat each step this many times (1 = plain replacement)")
+    _provenance_args(i)
     i.set_defaults(fn=cmd_inpaint)
+
+    pv = sub.add_parser("provenance", help="show where an image came from: metadata, C2PA, watermark",
+                        formatter_class=fmt,
+                        description="Print the provenance genlab wrote into an image (model, run, seed, settings, "
+                                    "weights hash), the validation state of its C2PA manifest if it has one, and, "
+                                    "given a key, whether it carries genlab's invisible watermark.")
+    pv.add_argument("file", help="an image file (PNG as genlab writes it; JPEG and others are read too)")
+    pv.add_argument("--watermark-key", default=None, metavar="K",
+                    help="test for the watermark of this key (default: GENLAB_WATERMARK_KEY if set)")
+    pv.add_argument("--trust", default=None, metavar="CA.pem",
+                    help="C2PA: CA certificates to trust (a valid chain to one of them reads 'Trusted')")
+    pv.add_argument("--json", action="store_true", help="print JSON")
+    pv.set_defaults(fn=cmd_provenance)
 
     e = sub.add_parser("eval", help="held-out loss, perplexity and bits of a run", formatter_class=fmt,
                        description="Evaluate a run on the held-out split of its own data (bits/dim for images, "
@@ -837,6 +1068,7 @@ def _parser() -> argparse.ArgumentParser:
     ra.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ra.add_argument("--seed", type=int, default=None)
     ra.add_argument("--json", action="store_true", help="print the answer and its sources as JSON")
+    _guard_arg(ra)
     ra.set_defaults(fn=cmd_rag_ask)
 
     re_ = rsub.add_parser("eval", help="score retrieval (and answers) on questions with gold passages",
@@ -857,6 +1089,82 @@ def _parser() -> argparse.ArgumentParser:
     re_.add_argument("--limit", type=int, help="only the first N questions")
     re_.add_argument("--out", help="write all results (and each answer) to this JSON file")
     re_.set_defaults(fn=cmd_rag_eval)
+
+    wm = sub.add_parser("watermark", help="detect genlab's watermark in a text or an image", formatter_class=fmt,
+                        description="Test a text (or an image) for the watermark of a secret key. Exit status 0 "
+                                    "whatever the verdict; 2 for bad input.")
+    wsub = wm.add_subparsers(dest="watermark_verb", metavar="ACTION", required=True)
+    wd = wsub.add_parser("detect", help="the z-score, p-value and verdict of a text (or an image)",
+                         formatter_class=fmt,
+                         description="A text: the green-list z-test of Kirchenbauer et al. 2023 (repeated n-grams "
+                                     "scored once), with the tokenizer of --run; the verdict is taken at the "
+                                     "false-positive rate --fpr. An image (.png .jpg .jpeg .webp): genlab's image "
+                                     "watermark detector.")
+    wd.add_argument("file", metavar="FILE", help="a text file, - for stdin, or an image")
+    wd.add_argument("--key", required=True, help="the secret key used at generation (--watermark-key)")
+    wd.add_argument("--run", default="runs/smollm2",
+                    help="text: the run (or its tokenizer.json) whose tokenizer and vocabulary made the text")
+    wd.add_argument("--gamma", type=float, default=None, help="text: the green fraction used at generation "
+                    "(default 0.25)")
+    wd.add_argument("--context-width", type=int, default=None, help="text: the hash's context width (default 1)")
+    wd.add_argument("--hashing", default=None, choices=["left", "self"], help="text: the seeding scheme "
+                    "(default left)")
+    wd.add_argument("--fpr", type=float, default=1e-3, help="text: the false-positive rate of the verdict")
+    wd.add_argument("--json", action="store_true", help="text: print the result as JSON")
+    wd.set_defaults(fn=cmd_watermark_detect)
+
+    sv = sub.add_parser("serve", help="serve runs through an OpenAI-compatible API, with a playground page",
+                        formatter_class=fmt,
+                        epilog="example: genlab keys create me && genlab serve runs/smollm2 runs/ddpm rag:perlfaq")
+    sv.add_argument("models", nargs="+", metavar="RUN", help="run folders (language or image models) and rag:INDEX")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--state", default="serve_state", help="folder of the keys, the audit trail and the arena votes")
+    sv.add_argument("--no-auth", action="store_true", help="no API keys (only on 127.0.0.1)")
+    sv.add_argument("--slots", type=int, default=16, help="sequences per continuous batch, per language model")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting per model before 429")
+    sv.add_argument("--timeout", type=float, default=120.0, help="seconds one generation may run")
+    sv.add_argument("--rag-generator", default=None, metavar="RUN",
+                    help="the language model that answers rag: models (default: SmolLM2-135M-Instruct)")
+    sv.add_argument("--guard", nargs="?", const=True, default=None, metavar="FILE",
+                    help="check prompts and outputs with the guardrails (the default set, or a TOML file)")
+    sv.add_argument("--watermark-key", default=None, metavar="K",
+                    help="watermark every text and image generated with this secret key (also GENLAB_WATERMARK_KEY); "
+                         "detect with `genlab watermark detect --key K`")
+    sv.add_argument("--cors", nargs="*", metavar="ORIGIN", help="origins allowed to call the API from a browser "
+                                                                "(default: none)")
+    sv.set_defaults(fn=cmd_serve)
+
+    ks = sub.add_parser("keys", help="API keys of a server: create, list, revoke", formatter_class=fmt)
+    ksub = ks.add_subparsers(dest="keys_verb", metavar="ACTION", required=True)
+    kc = ksub.add_parser("create", help="make a key (printed once; only its hash is stored)")
+    kc.add_argument("name")
+    kc.add_argument("--rate", type=int, default=None, metavar="N", help="requests per minute (default: unlimited)")
+    kl = ksub.add_parser("list", help="the keys, without their secrets")
+    kr = ksub.add_parser("revoke", help="revoke a key by id or name")
+    kr.add_argument("key", metavar="ID_OR_NAME")
+    for k in (kc, kl, kr):
+        k.add_argument("--state", default="serve_state", help="the server's state folder")
+        k.set_defaults(fn=cmd_keys)
+
+    au = sub.add_parser("audit", help="check a server's audit trail", formatter_class=fmt)
+    asub = au.add_subparsers(dest="audit_verb", metavar="ACTION", required=True)
+    av = asub.add_parser("verify", help="walk the hash chain; exit 1 if a row was edited, deleted or inserted")
+    av.add_argument("--state", default="serve_state", help="the server's state folder")
+    av.set_defaults(fn=cmd_audit)
+
+    gd = sub.add_parser("guard", help="guardrails: check a text for personal data, prompt injection, ...",
+                        formatter_class=fmt)
+    gsub = gd.add_subparsers(dest="guard_verb", metavar="ACTION", required=True)
+    gc = gsub.add_parser("check", help="check a text and print the verdict as JSON", formatter_class=fmt,
+                         description="Run the guardrails (the default checks, or --config FILE) on TEXT (or stdin "
+                                     "with -) at one stage and print the verdict: action (allow, redact, refuse), "
+                                     "the redacted text and each finding (check, kind, offsets, action, reason).")
+    gc.add_argument("text", help="the text, or - to read stdin")
+    gc.add_argument("--config", default=None, metavar="FILE", help="a guardrails TOML (default: the packaged one)")
+    gc.add_argument("--stage", default="input", choices=["input", "output", "passage"],
+                    help="input (a prompt), output (a model's text) or passage (retrieved RAG text)")
+    gc.set_defaults(fn=cmd_guard_check)
 
     m = sub.add_parser("import", help="import a pretrained model as a run", formatter_class=fmt,
                        description="Import a pretrained language model as a genlab run folder that genlab.load, "
@@ -928,6 +1236,19 @@ def _sampling_args(p, max_new: str):
                    help="stop a sample at this text, e.g. --stop \"\\n\\n\" (escapes \\n \\t \\\\ \\uXXXX are decoded; "
                         "repeatable)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same text (default: random)")
+    p.add_argument("--watermark-key", default=None, metavar="KEY",
+                   help="watermark the text with this secret key (green-list watermark, Kirchenbauer et al. 2023); "
+                        "detect it with: genlab watermark detect --key KEY")
+    p.add_argument("--watermark-delta", type=float, default=None, metavar="D",
+                   help="with --watermark-key: the bias on green-token logits (default 2.0)")
+    p.add_argument("--watermark-gamma", type=float, default=None, metavar="G",
+                   help="with --watermark-key: the green fraction of the vocabulary (default 0.25)")
+
+
+def _guard_arg(p):
+    p.add_argument("--guard", nargs="?", const=True, default=None, metavar="FILE",
+                   help="check the input and the output with guardrails: the default checks, or those of a TOML "
+                        "FILE (personal data redacted, prompt injection and blocked terms refused, ...)")
 
 
 def _diffusion_args(p, sampler: str = "the model's, dpmpp_2m"):
@@ -941,6 +1262,19 @@ def _diffusion_args(p, sampler: str = "the model's, dpmpp_2m"):
                    help="diffusion: bf16 runs a bfloat16 copy of the U-Net, fused by oneDNN Graph on a CPU "
                         "(~1.7x fp32 on CPUs with AVX512-BF16 or AMX, many times slower without; auto = bf16 "
                         "only where native; default fp32)")
+
+
+def _provenance_args(p):
+    p.add_argument("--watermark", action="store_true",
+                   help="add an invisible watermark to each generated image (before gridding: every tile carries "
+                        "it); the key comes from --watermark-key or GENLAB_WATERMARK_KEY")
+    p.add_argument("--watermark-key", default=None, metavar="K", help="the secret key of --watermark")
+    p.add_argument("--no-metadata", action="store_true",
+                   help="write no provenance (model, run, seed, settings, weights hash) into the image file")
+    p.add_argument("--c2pa-key", default=None, metavar="KEY.pem", help="sign the file with a C2PA manifest: the "
+                                                                         "private key (EC P-256 recommended)")
+    p.add_argument("--c2pa-cert", default=None, metavar="CHAIN.pem",
+                   help="with --c2pa-key: the certificate chain, leaf first")
 
 
 def _version() -> str:

@@ -58,7 +58,8 @@ class CharTokenizer:
             )
         return self._order[pos]
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids (a character tokenizer has no special tokens to add: the flag is accepted for symmetry)."""
         return self.encode_array(text).tolist()
 
     def decode(self, ids) -> str:

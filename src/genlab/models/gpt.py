@@ -81,6 +81,8 @@ class Block(nn.Module):
 
 @register_family("gpt", GPTConfig, PRESETS, modality="text")
 class GPT(NextTokenLM, nn.Module):
+    continuous_batching = True  # rows at their own positions share a decode step (sampling/text.py BatchDecoder)
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         if config.vocab_size < 1:
@@ -116,10 +118,12 @@ class GPT(NextTokenLM, nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, V). With a cache, idx continues the cached tokens."""
         _B, T = idx.shape
+        if cache is not None and cache.lens is not None:  # continuous batching: each row at its own position
+            return self._ragged_forward(idx, cache)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
-        pos = torch.arange(start, start + T)
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i)
@@ -128,10 +132,21 @@ class GPT(NextTokenLM, nn.Module):
         return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
 
 
+    def _ragged_forward(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        pos = cache.positions()  # (B, 1)
+        if int(pos.max()) >= self.config.block_size:
+            raise ValueError(f"a sequence exceeds the context of {self.config.block_size}")
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, 1, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        cache.lens[: cache.rows] += 1
+        return self.lm_head(self.transformer.ln_f(x))
+
     # -- the incremental-decode protocol used by sampling/text.py --
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
-        cache = KVCache(c.n_layer, batch, c.n_head, min(max_len, c.block_size), c.n_embd // c.n_head)
+        cache = KVCache(c.n_layer, batch, c.n_head, min(max_len, c.block_size), c.n_embd // c.n_head,
+                        device=self.transformer.wpe.weight.device)
         cache.plan = self._decode_plan()
         return cache
 
@@ -166,7 +181,7 @@ class GPT(NextTokenLM, nn.Module):
         `forward` (blocks of Block/MLP/CausalSelfAttention) written with functional ops on weights gathered
         in `new_cache`, no Module calls, attention through `decode_attention` and the head on one position."""
         plan = cache.plan
-        if ids.size(1) != 1 or plan is None or self.training:
+        if ids.size(1) != 1 or plan is None or self.training or cache.lens is not None:
             return self(ids, cache)[:, -1, :]
         wte, wpe, layers, lnf_w, lnf_b, lnf_eps, head, n_head, shape, approx = plan
         p = cache.pos

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..nn.attention import KVCache, attention, causal_mask
+from ..nn.attention import KVCache, attention, causal_mask, ragged_attention
 from ..nn.kernels import MAX_ROWS, kernels, operand
 from . import NextTokenLM, decode_embedding, decode_linear, register_family
 
@@ -110,6 +110,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         p = 0
+        if cache is not None and cache.lens is not None:  # continuous batching: rows at their own positions
+            return self.o_proj(ragged_attention(q, k, v, cache, layer).transpose(1, 2).reshape(B, T, -1))
         if cache is not None:  # the cache holds keys after rotation, so they never rotate again
             p = cache.pos
             cache.k[layer, :, :, p : p + T] = k
@@ -149,6 +151,8 @@ class Block(nn.Module):
 
 @register_family("llama", LlamaConfig, PRESETS, modality="text")
 class Llama(NextTokenLM, nn.Module):
+    continuous_batching = True  # rows at their own positions share a decode step (sampling/text.py BatchDecoder)
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         if config.vocab_size < 1:
@@ -171,6 +175,17 @@ class Llama(NextTokenLM, nn.Module):
         """idx (B, T) token ids -> logits (B, T, V). With a cache, idx continues the cached tokens."""
         c = self.config
         T = idx.size(1)
+        if cache is not None and cache.lens is not None:  # continuous batching: each row at its own position
+            pos = cache.positions()  # (B, 1)
+            if int(pos.max()) >= c.block_size:
+                raise ValueError(f"a sequence exceeds the context of {c.block_size}")
+            cos, sin = rope_tables(c.n_embd // c.n_head, c.block_size, float(c.rope_theta))
+            cos, sin = cos.to(idx.device)[pos][:, None], sin.to(idx.device)[pos][:, None]  # (B, 1, 1, D)
+            x = self.model.embed_tokens(idx)
+            for i, block in enumerate(self.model.layers):
+                x = block(x, cos, sin, cache, i)
+            cache.lens[: cache.rows] += 1
+            return self.lm_head(self.model.norm(x))
         start = cache.pos if cache is not None else 0
         if start + T > c.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {c.block_size}")
@@ -188,7 +203,8 @@ class Llama(NextTokenLM, nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
         dtype = self.model.norm.weight.dtype  # the activations' type (an int8 embedding gives floats)
-        cache = KVCache(c.n_layer, batch, c.n_kv_head, min(max_len, c.block_size), c.n_embd // c.n_head, dtype)
+        cache = KVCache(c.n_layer, batch, c.n_kv_head, min(max_len, c.block_size), c.n_embd // c.n_head, dtype,
+                        device=self.model.norm.weight.device)
         cache.plan = self._decode_plan()
         return cache
 
@@ -213,7 +229,8 @@ class Llama(NextTokenLM, nn.Module):
             return None
         c = self.config
         cos, sin = rope_tables(c.n_embd // c.n_head, c.block_size, float(c.rope_theta))
-        return emb, tuple(layers), self.model.norm.weight, head, cos, sin, self._compiled_plan()
+        dev = self.model.norm.weight.device
+        return emb, tuple(layers), self.model.norm.weight, head, cos.to(dev), sin.to(dev), self._compiled_plan()
 
     def _compiled_plan(self) -> tuple | None:
         """The layers as the compiled CPU kernel takes them (nn/kernels.cpp: one call per layer step): per layer
@@ -240,7 +257,7 @@ class Llama(NextTokenLM, nn.Module):
         and grouped-query attention without repeating keys: the query heads of a group are one matrix product
         against their shared key/value head."""
         plan = cache.plan
-        if ids.size(1) != 1 or plan is None or self.training:
+        if ids.size(1) != 1 or plan is None or self.training or cache.lens is not None:
             return self(ids, cache)[:, -1, :]
         emb, layers, norm_w, head, cos, sin, compiled = plan
         c, p, B = self.config, cache.pos, ids.size(0)

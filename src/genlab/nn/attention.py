@@ -17,13 +17,22 @@ class KVCache:
     attention only ever reads the first `pos` (+ the new) positions. `plan` is free for the model that made
     the cache (GPT keeps its weights gathered once per generation there)."""
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, dtype=torch.float32):
-        self.kv = torch.empty((n_layer, 2, batch, n_head, max_len, head_dim), dtype=dtype)
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, dtype=torch.float32,
+                 device=None):
+        self.kv = torch.empty((n_layer, 2, batch, n_head, max_len, head_dim), dtype=dtype, device=device)
         self.k, self.v = self.kv[:, 0], self.kv[:, 1]
         self.layers = [self.kv[i] for i in range(n_layer)]  # not unbind: its views refuse in-place writes
         self.pos = 0
         self.max_len = max_len
         self.plan = None
+        # continuous batching: rows at their own positions. When set, `lens` (B,) counts the tokens cached per row,
+        # a step feeds one token to each of the first `rows` rows, and `pos` is unused (see `ragged_attention`).
+        self.lens: torch.Tensor | None = None
+        self.rows = 0
+
+    def positions(self) -> torch.Tensor:
+        """(rows, 1) the position of each active row's next token (continuous batching)."""
+        return self.lens[: self.rows, None]
 
 
 def decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, n_head: int) -> torch.Tensor:
@@ -42,6 +51,24 @@ def decode_attention(qkv: torch.Tensor, cache: KVCache, layer: int, n_head: int)
     k, v = kv[0], kv[1]  # (B, H, p + 1, D)
     y = F.scaled_dot_product_attention(qkv[:, 0], k, v)  # (B, H, 1, D)
     return y.reshape(B, -1)  # (B, C): heads side by side, as the full path's transpose + view
+
+
+def ragged_attention(q, k, v, cache: KVCache, layer: int) -> torch.Tensor:
+    """One new token per row, each row at its own position (continuous batching: requests that joined at different
+    times share the decode step): q (B, H, 1, D), k and v (B, Hkv, 1, D) of the new tokens, B = `cache.rows`.
+    Stores each row's key and value at `cache.lens[b]` and lets its query see only its own keys 0..lens[b]; the
+    caller advances `lens` once for all layers."""
+    B = q.size(0)
+    lens = cache.lens[:B]
+    rows = torch.arange(B, device=lens.device)
+    kv = cache.layers[layer]  # (2, B_max, Hkv, T_max, D)
+    kv[0][rows, :, lens] = k[:, :, 0]
+    kv[1][rows, :, lens] = v[:, :, 0]
+    T = int(lens.max()) + 1
+    mask = (torch.arange(T, device=lens.device) <= lens[:, None])[:, None, None, :]  # (B, 1, 1, T)
+    keys, values = kv[0, :B, :, :T], kv[1, :B, :, :T]
+    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                          enable_gqa=q.size(1) != k.size(1))
 
 
 @functools.lru_cache(maxsize=16)
@@ -90,6 +117,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if cache is None:
             y = attention(q, k, v, causal_mask(T), self.dropout if self.training else 0.0)
+        elif cache.lens is not None:
+            y = ragged_attention(q, k, v, cache, layer)
         else:
             p = cache.pos
             cache.k[layer, :, :, p : p + T] = k

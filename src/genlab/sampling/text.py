@@ -1,6 +1,7 @@
 """Text decoding: a chain of pure logits processors over one generate loop with a KV cache (DESIGN.md 3).
 
-Processors run in the order repetition penalty -> temperature -> top-k -> top-p; temperature 0 means greedy.
+Processors run in the order repetition penalty -> watermark -> temperature -> top-k -> top-p (transformers'
+order: the watermark bias is added to the raw logits, so the temperature scales it too); temperature 0 means greedy.
 The loop drives any model with the incremental-decode protocol (`new_cache`, `decode`, `context_size`),
 so the GPT and the n-gram baseline share it. Text-level features (stop strings, streaming deltas, batched
 prompts of different lengths) sit on top in `generate_text`.
@@ -15,6 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..core.errors import ConfigError
+from .watermark import WatermarkConfig, apply_watermark
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +29,11 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages repeats (Keskar et al. 2019)
     stop: tuple[str, ...] = ()
+    watermark: WatermarkConfig | None = None  # the green-list watermark (sampling/watermark.py); a dict works too
 
     def __post_init__(self):
+        if self.watermark is not None:
+            object.__setattr__(self, "watermark", WatermarkConfig.from_value(self.watermark))
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or not (
             0 <= self.max_new_tokens <= 1_000_000
         ):
@@ -79,6 +84,8 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 def process(logits: torch.Tensor, history: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     logits = apply_repetition_penalty(logits, history, cfg.repetition_penalty)
+    if cfg.watermark is not None:
+        logits = apply_watermark(logits, history, cfg.watermark)
     logits = apply_temperature(logits, cfg.temperature)
     logits = apply_top_k(logits, cfg.top_k)
     return apply_top_p(logits, cfg.top_p)
@@ -108,7 +115,7 @@ def iter_tokens(
         return
     if cfg.temperature == 0 and cfg.top_k:  # greedy: top-k keeps the max and its ties: the argmax stays
         cfg = replace(cfg, top_k=0)
-    keep_all = cfg.repetition_penalty != 1.0  # the penalty reads every token so far
+    keep_all = cfg.repetition_penalty != 1.0 or cfg.watermark is not None  # both read the tokens so far
     # history (B, L): every token so far while the penalty needs it; else it is only brought up to date (from
     # `pending`, the new tokens (B, 1) not yet in it) when the window slides, and keeps the last ctx tokens.
     history, pending = prompt, []
@@ -173,6 +180,39 @@ def _whole(text: str) -> str:
     return text.rstrip("\ufffd")
 
 
+class TextAssembler:
+    """The text of one sample as its tokens arrive: `push(token)` returns the new text that is safe to show. A stop
+    string ends the sample (it is not included), so does an end-of-sequence id; text that might still turn into a
+    stop string or a partial UTF-8 character is held back until it cannot. `finish_reason` is "stop" or "length"."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), eos: set[int] | frozenset = frozenset()):
+        self.tokenizer, self.stop, self.eos = tokenizer, tuple(stop), eos
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.done = False
+        self.finish_reason: str | None = None
+
+    def push(self, t: int) -> str:
+        if t in self.eos:
+            return self.finish("stop")
+        self.ids.append(t)
+        text = self.tokenizer.decode(self.ids)
+        hits = [h for s in self.stop if (h := text.find(s, max(self.emitted - len(s), 0))) >= 0]
+        if hits:
+            self.done, self.finish_reason = True, "stop"
+            return text[self.emitted: min(hits)]
+        safe = len(text) - _held_back(text, self.stop)
+        if safe <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted:safe], safe
+        return piece
+
+    def finish(self, reason: str = "length") -> str:
+        """End the sample (out of tokens, or `reason`): the rest of its text."""
+        self.done, self.finish_reason = True, reason
+        return _whole(self.tokenizer.decode(self.ids))[self.emitted:]
+
+
 def stream_text(
     model,
     tokenizer,
@@ -207,36 +247,19 @@ def stream_text(
     for length in sorted(groups):
         rows = groups[length]
         prompt = torch.tensor([encoded[i] for i in rows], dtype=torch.long)
-        new: list[list[int]] = [[] for _ in rows]
-        emitted = [0] * len(rows)
-        done = [False] * len(rows)
+        texts = [TextAssembler(tokenizer, cfg.stop, eos) for _ in rows]
         for tok in iter_tokens(model, prompt, cfg, generator):
             for r, t in enumerate(tok.tolist()):
-                if done[r]:
+                if texts[r].done:
                     continue
-                if t in eos:
-                    done[r] = True
-                    text = _whole(tokenizer.decode(new[r]))
-                    yield TextDelta(rows[r], text[emitted[r]:], done=True)
-                    continue
-                new[r].append(t)
-                text = tokenizer.decode(new[r])
-                hits = [text.find(s, max(emitted[r] - len(s), 0)) for s in cfg.stop]
-                hits = [h for h in hits if h >= 0]
-                if hits:
-                    done[r] = True
-                    yield TextDelta(rows[r], text[emitted[r]: min(hits)], done=True)
-                    continue
-                safe = len(text) - _held_back(text, cfg.stop)
-                if safe > emitted[r]:
-                    yield TextDelta(rows[r], text[emitted[r]:safe])
-                    emitted[r] = safe
-            if all(done):
+                piece = texts[r].push(t)
+                if piece or texts[r].done:
+                    yield TextDelta(rows[r], piece, done=texts[r].done)
+            if all(a.done for a in texts):
                 break
-        for r in range(len(rows)):
-            if not done[r]:
-                text = _whole(tokenizer.decode(new[r]))
-                yield TextDelta(rows[r], text[emitted[r]:], done=True)
+        for r, a in enumerate(texts):
+            if not a.done:
+                yield TextDelta(rows[r], a.finish(), done=True)
 
 
 def generate_text(model, tokenizer, prompts: list[str], cfg: SamplingConfig, **kw) -> list[str]:
@@ -244,3 +267,94 @@ def generate_text(model, tokenizer, prompts: list[str], cfg: SamplingConfig, **k
     for d in stream_text(model, tokenizer, prompts, cfg, **kw):
         out[d.index] += d.text
     return out
+
+
+# ---- continuous batching: sequences that join and leave a shared decode step (the server's engine) ----
+
+class Sequence:
+    """One sample decoded by a `BatchDecoder`: its prompt and tokens so far (what the repetition penalty reads), its
+    own controls and random generator (so a seeded request gives the same text whatever else shares the batch), and
+    the text assembled so far."""
+
+    def __init__(self, prompt: list[int], cfg: SamplingConfig, tokenizer, eos: set[int],
+                 generator: torch.Generator | None = None):
+        if cfg.temperature == 0 and cfg.top_k:  # as in iter_tokens: greedy keeps the argmax
+            cfg = replace(cfg, top_k=0)
+        self.prompt, self.cfg, self.generator = list(prompt), cfg, generator
+        self.history = torch.tensor([self.prompt], dtype=torch.long)  # (1, L)
+        self.text = TextAssembler(tokenizer, cfg.stop, eos)
+        self.new_tokens = 0
+
+    def next_token(self, logits: torch.Tensor) -> int:
+        """Choose the next token from this sequence's logits (V,) with its own controls."""
+        t = choose(process(logits[None].float().cpu(), self.history, self.cfg), self.cfg, self.generator)
+        self.history = torch.cat([self.history, t[:, None]], dim=1)
+        self.new_tokens += 1
+        return int(t)
+
+
+class BatchDecoder:
+    """Continuous batching (Yu et al. 2022, "Orca", iteration-level scheduling) over one KV cache of `slots` rows:
+    `add` prefills a new prompt into a free row, `step` feeds one token to every active row in ONE forward pass
+    (each row at its own position, attending only to its own keys), `remove` frees a row between steps. Rows are
+    kept packed: the active rows are 0..rows-1 (removing a row moves the last one into its place). Needs a model
+    with `continuous_batching = True` (gpt, llama); a row ends at the model's context (no sliding window)."""
+
+    def __init__(self, model, slots: int):
+        if not getattr(model, "continuous_batching", False):
+            raise ConfigError(f"{type(model).__name__} does not support continuous batching")
+        if slots < 1:
+            raise ConfigError(f"slots={slots} must be >= 1")
+        self.model, self.slots = model, slots
+        self.max_len = model.context_size
+        self.device = next(model.parameters()).device
+        with torch.inference_mode():
+            self.cache = model.new_cache(slots, self.max_len)
+            self.cache.plan = None  # rows at different positions take the module path
+            self.cache.kv.zero_()  # masked slots are read too (weight 0): they must not hold NaN
+            self.cache.lens = torch.zeros(slots, dtype=torch.long, device=self.device)
+
+    @property
+    def rows(self) -> int:
+        return self.cache.rows
+
+    def length(self, row: int) -> int:
+        """Tokens cached for `row` (its prompt and the tokens fed so far)."""
+        return int(self.cache.lens[row])
+
+    def add(self, prompt: list[int]) -> torch.Tensor:
+        """Prefill `prompt` into row `rows` (which becomes active) -> the next-token logits (V,)."""
+        if self.rows >= self.slots:
+            raise RuntimeError("no free row")
+        T = len(prompt)
+        if not 1 <= T < self.max_len:
+            raise ConfigError(f"a prompt of {T} tokens must have 1 to {self.max_len - 1} tokens (the context)")
+        r = self.rows
+        with torch.inference_mode():
+            one = self.model.new_cache(1, T)
+            logits = self.model.decode(torch.tensor([prompt], dtype=torch.long, device=self.device), one)
+            self.cache.kv[:, :, r, :, :T] = one.kv[:, :, 0, :, :T]
+            self.cache.lens[r] = T
+        self.cache.rows = r + 1
+        return logits[0]
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed tokens[r] to each active row r -> next-token logits (rows, V)."""
+        if len(tokens) != self.rows:
+            raise ValueError(f"{len(tokens)} tokens for {self.rows} active rows")
+        with torch.inference_mode():
+            ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+            return self.model.decode(ids, self.cache)
+
+    def remove(self, row: int) -> int | None:
+        """Free `row`; the last active row moves into it. Returns the old index of the row that moved (or None)."""
+        last = self.rows - 1
+        moved = None
+        if row != last:
+            with torch.inference_mode():
+                n = int(self.cache.lens[last])
+                self.cache.kv[:, :, row, :, :n] = self.cache.kv[:, :, last, :, :n]
+                self.cache.lens[row] = n
+            moved = last
+        self.cache.rows = last
+        return moved
