@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -45,11 +46,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+THREADS: dict = {}  # the server's environment: GENLAB_THREADS when --threads is given
+
+
 def start(models, state: Path, slots: int, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "genlab", "-q", "serve", *map(str, models), "--no-auth",
                              "--port", str(port), "--state", str(state), "--slots", str(slots), "--max-queue", "256",
-                             "--timeout", "600"], stdout=log.open("a"), stderr=subprocess.STDOUT)
+                             "--timeout", "600"], stdout=log.open("a"), stderr=subprocess.STDOUT,
+                            env={**os.environ, **THREADS})
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         if proc.poll() is not None:
@@ -179,10 +184,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64, help="requests per case (at least one per client)")
     ap.add_argument("--seconds", type=float, default=60, help="time per case after every client sent one")
     ap.add_argument("--work", default=None, help="folder for the models (default: a temporary one)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of the server (default: genlab's choice)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/serve.json"))
     a = ap.parse_args()
     clients = [int(c) for c in a.clients.split(",")]
+    if a.threads:
+        THREADS["GENLAB_THREADS"] = str(a.threads)
     if a.quick:
         clients, a.tokens, a.requests, a.seconds = [1, 4], 8, 4, 10
     tmp = tempfile.TemporaryDirectory()
@@ -195,9 +203,11 @@ def main() -> None:
     res: dict = {"benchmark": "serve", "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                                    "python": platform.python_version()},
                  "settings": {"tokens_per_request": a.tokens, "requests_per_case": a.requests,
-                              "seconds_per_case": a.seconds, "temperature": 0.8}, "text": [], "images": []}
+                              "seconds_per_case": a.seconds, "temperature": 0.8,
+                              "server_threads": a.threads or "auto"}, "text": [], "images": []}
     text_models = [("smollm2", "chat", PROMPTS), ("baby-gpt", "completion", GPT_PROMPTS)]
     for slots, label in ((16, "continuous batching (16 slots)"), (1, "one at a time (1 slot)")):
+        shutil.rmtree(work / f"state-{slots}", ignore_errors=True)
         proc, url = start(models.values(), work / f"state-{slots}", slots, log)
         try:
             for name, kind, prompts in text_models:
@@ -236,6 +246,7 @@ def main() -> None:
 
 def kill_9(model: Path, state: Path, log: Path, tokens: int) -> dict:
     """16 clients stream chat; the server is killed with SIGKILL mid-stream; then `genlab audit verify`."""
+    shutil.rmtree(state, ignore_errors=True)  # a fresh audit trail: its rows are this run's
     proc, url = start([model], state, 16, log)
     finished, lock = [0], threading.Lock()
 

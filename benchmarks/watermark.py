@@ -13,7 +13,7 @@ width 1; the same random stream for every delta). Measured:
   again (what a detector of plain text sees); a "paraphrase": SmolLM2-135M-Instruct WITHOUT the watermark asked to
   rewrite the text in other words (its reply is what is scored; its bigram overlap with the original is reported).
 
-    nice -n 10 python benchmarks/watermark.py --n 40 --human 300 --paraphrase 8   # ~25 min, 1 thread
+    nice -n 10 python benchmarks/watermark.py --n 40 --human 300 --paraphrase 8   # ~17 min, 1 thread
     python benchmarks/watermark.py --quick                          # a smoke run
 Writes benchmarks/results/watermark.json.
 """

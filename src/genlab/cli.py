@@ -781,7 +781,7 @@ def cmd_serve(a) -> int:
     if a.no_auth and not loopback:
         raise ConfigError(f"--no-auth serves anyone who can reach {a.host}: only allowed on 127.0.0.1/localhost")
     app = create_app(a.models, state_dir=a.state, auth=not a.no_auth, slots=a.slots, max_queue=a.max_queue,
-                     request_timeout=a.timeout, rag_generator=a.rag_generator, guard=a.guard,
+                     request_timeout=a.timeout, rag_generator=a.rag_generator, guard=a.guard, max_context=a.context,
                      cors_origins=a.cors or (), watermark_key=a.watermark_key or os.environ.get("GENLAB_WATERMARK_KEY"))
     srv = app.state.server
     print(f"genlab serve: {', '.join(srv.models)} at http://{a.host}:{a.port}/v1 (playground: http://{a.host}:{a.port}/)",
@@ -1123,6 +1123,9 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--no-auth", action="store_true", help="no API keys (only on 127.0.0.1)")
     sv.add_argument("--slots", type=int, default=16, help="sequences per continuous batch, per language model")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting per model before 429")
+    sv.add_argument("--context", type=int, default=2048, metavar="TOKENS",
+                    help="tokens one request may use (prompt and reply; at most the model's context): the batch's "
+                         "KV cache holds slots x TOKENS")
     sv.add_argument("--timeout", type=float, default=120.0, help="seconds one generation may run")
     sv.add_argument("--rag-generator", default=None, metavar="RUN",
                     help="the language model that answers rag: models (default: SmolLM2-135M-Instruct)")

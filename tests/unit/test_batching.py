@@ -127,3 +127,32 @@ def test_the_engine_gives_each_job_what_it_would_get_alone():
     for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
         alone = generate_ids(m, [p], max_new_tokens=n, temperature=0)[0]
         assert texts[i].split() == [str(t) for t in alone], i
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_prompts_prefilled_together_equal_each_prefilled_alone(family):
+    m = model(family)
+    prompts = [[3, 4, 5, 6, 7], [8], [9, 10, 11]]
+    together, alone = BatchDecoder(m, slots=4), BatchDecoder(m, slots=4)
+    alone.add([1, 2])
+    together.add([1, 2])
+    first = together.add_many(prompts)
+    for i, p in enumerate(prompts):
+        assert torch.allclose(first[i], alone.add(p), atol=1e-5)
+    assert [together.length(r) for r in range(4)] == [2, 5, 1, 3]
+    tokens = [12, 13, 14, 15]
+    assert torch.allclose(together.step(tokens), alone.step(tokens), atol=1e-5)  # the padding is never read
+
+
+def test_a_sequence_samples_from_its_distribution():
+    """Inverse-CDF draws follow softmax(logits / T) after top-k (a chi-square-free check: frequencies of 20,000
+    draws within 0.015 of the probabilities), and never pick a token the processors removed."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    cfg = SamplingConfig(temperature=0.7, top_k=4)
+    seq = Sequence([0], cfg, None, set(), torch.Generator().manual_seed(0))
+    counts = torch.zeros(6)
+    for _ in range(20_000):
+        seq.history = seq.history[:, :1]
+        counts[seq.next_token(logits)] += 1
+    want = torch.softmax(torch.cat([logits[:4] / 0.7, torch.full((2,), float("-inf"))]), dim=0)
+    assert counts[4:].sum() == 0 and torch.allclose(counts / 20_000, want, atol=0.015)

@@ -286,8 +286,16 @@ class Sequence:
         self.new_tokens = 0
 
     def next_token(self, logits: torch.Tensor) -> int:
-        """Choose the next token from this sequence's logits (V,) with its own controls."""
-        t = choose(process(logits[None].float().cpu(), self.history, self.cfg), self.cfg, self.generator)
+        """Choose the next token from this sequence's logits (V,) with its own controls. Sampling is by the inverse
+        CDF (one uniform draw from the sequence's generator against the cumulative probabilities): an exact draw
+        from the same distribution as `choose`, several times cheaper than torch.multinomial for one row."""
+        logits = process(logits[None].float().cpu(), self.history, self.cfg)  # (1, V)
+        if self.cfg.temperature == 0:
+            t = logits.argmax(dim=-1)
+        else:
+            cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
+            u = (1.0 - torch.rand((1, 1), generator=self.generator)) * cdf[:, -1:]  # in (0, total]: never a p = 0 token
+            t = torch.searchsorted(cdf, u).clamp_(max=cdf.size(-1) - 1)[:, 0]
         self.history = torch.cat([self.history, t[:, None]], dim=1)
         self.new_tokens += 1
         return int(t)
@@ -298,15 +306,16 @@ class BatchDecoder:
     `add` prefills a new prompt into a free row, `step` feeds one token to every active row in ONE forward pass
     (each row at its own position, attending only to its own keys), `remove` frees a row between steps. Rows are
     kept packed: the active rows are 0..rows-1 (removing a row moves the last one into its place). Needs a model
-    with `continuous_batching = True` (gpt, llama); a row ends at the model's context (no sliding window)."""
+    with `continuous_batching = True` (gpt, llama); a row ends at `max_len` tokens (the model's context, or less
+    to bound the cache's memory; no sliding window)."""
 
-    def __init__(self, model, slots: int):
+    def __init__(self, model, slots: int, max_len: int | None = None):
         if not getattr(model, "continuous_batching", False):
             raise ConfigError(f"{type(model).__name__} does not support continuous batching")
         if slots < 1:
             raise ConfigError(f"slots={slots} must be >= 1")
         self.model, self.slots = model, slots
-        self.max_len = model.context_size
+        self.max_len = min(model.context_size, max_len or model.context_size)  # the cache holds slots x max_len
         self.device = next(model.parameters()).device
         with torch.inference_mode():
             self.cache = model.new_cache(slots, self.max_len)
@@ -337,6 +346,31 @@ class BatchDecoder:
             self.cache.lens[r] = T
         self.cache.rows = r + 1
         return logits[0]
+
+    def add_many(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Prefill several prompts in ONE forward pass (right-padded to the longest; a row's padding comes after its
+        tokens, so the causal mask keeps it out of them, and attention never reads past a row's length) into rows
+        `rows`.. -> the next-token logits of each (k, V)."""
+        k, r = len(prompts), self.rows
+        if r + k > self.slots:
+            raise RuntimeError("no free row")
+        lengths = [len(p) for p in prompts]
+        if not all(1 <= n < self.max_len for n in lengths):
+            bad = next(n for n in lengths if not 1 <= n < self.max_len)
+            raise ConfigError(f"a prompt of {bad} tokens must have 1 to {self.max_len - 1} tokens (the context)")
+        T = max(lengths)
+        ids = torch.zeros((k, T), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        with torch.inference_mode():
+            many = self.model.new_cache(k, T)
+            logits = self.model(ids.to(self.device), many)  # (k, T, V)
+            self.cache.kv[:, :, r : r + k, :, :T] = many.kv[:, :, :, :, :T]
+            n = torch.tensor(lengths, device=self.device)
+            self.cache.lens[r : r + k] = n
+            last = logits[torch.arange(k, device=self.device), n - 1]  # each row's last real position
+        self.cache.rows = r + k
+        return last
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed tokens[r] to each active row r -> next-token logits (rows, V)."""

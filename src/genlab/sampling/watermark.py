@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property, lru_cache
 
 import numpy as np
@@ -41,7 +41,7 @@ _INT64 = 1 << 64
 
 @dataclass(frozen=True)
 class WatermarkConfig:
-    key: str
+    key: str = field(repr=False)  # a secret: kept out of repr() and so out of logs
     gamma: float = 0.25  # the green fraction of the vocabulary
     delta: float = 2.0  # the bias added to green logits
     context_width: int = 1  # tokens hashed into the seed (self hash) / n-gram width for repeats (left hash)

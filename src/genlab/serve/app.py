@@ -112,7 +112,8 @@ class Server:
     """Everything one app holds: the models, the key store, the audit log, the arena votes, the metrics."""
 
     def __init__(self, models: list[str], *, state_dir: str | Path, auth: bool, slots: int, max_queue: int,
-                 request_timeout: float, rag_generator: str | Path | None, guard, embedding: bool):
+                 request_timeout: float, rag_generator: str | Path | None, guard, embedding: bool,
+                 max_context: int | None = None):
         self.state = Path(state_dir)
         self.state.mkdir(parents=True, exist_ok=True)
         self.auth = auth
@@ -128,6 +129,7 @@ class Server:
         self.closing: list = []  # more to close on shutdown
         self.text_watermark = None  # a WatermarkConfig every generated text carries
         self.image_watermark: str | None = None  # the key of the watermark every generated image carries
+        self.max_context = max_context
         for spec in models:
             self._add(str(spec), slots, max_queue)
         if embedding and _has_embedder():
@@ -146,9 +148,10 @@ class Server:
             name = run.path.name
             if run.modality == "text":
                 kind = "chat" if run.chat_template() is not None else "completion"
-                engine = TextEngine(run.model, run.tokenizer, slots=slots, max_queue=max_queue, name=name)
+                engine = TextEngine(run.model, run.tokenizer, slots=slots, max_queue=max_queue, name=name,
+                                    max_len=self.max_context)
                 m = Served(name, kind, run=run, engine=engine,
-                           info={"family": run.family, "context": run.model.context_size,
+                           info={"family": run.family, "context": engine.context,
                                  "continuous_batching": engine.decoder is not None})
             else:
                 m = Served(name, "image", run=run, info=api.image_options(run))
@@ -271,16 +274,18 @@ FINISH = {"stop": "stop", "length": "length", "timeout": "length", "cancelled": 
 def create_app(models: list[str], *, state_dir: str | Path = "serve_state", auth: bool = True, slots: int = 16,
                max_queue: int = 64, request_timeout: float = 120.0, rag_generator: str | Path | None = None,
                guard=None, cors_origins: list[str] | tuple = (), embedding: bool = True,
-               watermark_key: str | None = None) -> FastAPI:
+               watermark_key: str | None = None, max_context: int | None = 2048) -> FastAPI:
     """The server app over `models` (run folders, or `rag:INDEX`). `auth`: every /v1 request needs an API key
     from `genlab keys create` (state_dir/keys.sqlite); `slots`: sequences per continuous batch; `max_queue`:
     requests waiting per language model before 429; `request_timeout`: seconds a generation may run; `guard`:
     a safety pipeline (genlab.safety.guardrails) applied to prompts and outputs, its verdicts audited;
     `watermark_key`: every text generated carries the green-list watermark of this key (sampling/watermark.py,
-    default settings) and every image the invisible image watermark (safety/provenance.py)."""
+    default settings) and every image the invisible image watermark (safety/provenance.py); `max_context`: the
+    tokens (prompt and reply) one request may use, at most the model's context: the batch's KV cache holds
+    slots x max_context tokens (SmolLM2's full 8,192 would take 6 GB for 16 slots)."""
     srv = Server(models, state_dir=state_dir, auth=auth, slots=slots, max_queue=max_queue,
                  request_timeout=request_timeout, rag_generator=rag_generator, guard=_load_guard(guard),
-                 embedding=embedding)
+                 embedding=embedding, max_context=max_context)
     if watermark_key:
         from ..sampling.watermark import WatermarkConfig
 
@@ -465,11 +470,16 @@ def create_app(models: list[str], *, state_dir: str | Path = "serve_state", auth
                 if v.refused:
                     raise _refused(f"the prompt was refused by a guardrail: {_reasons(v)}", guard_verdicts)
                 prompt = v.text
+        param = "messages" if messages is not None else "prompt"
         try:
             ids, eos, default = api.text_request(m.run, prompt=prompt, messages=messages, max_new_tokens=max_new)
         except GenlabError as e:
             code = "context_length_exceeded" if "context" in str(e) else None
-            raise ApiError(400, str(e), param="messages" if messages is not None else "prompt", code=code) from None
+            raise ApiError(400, str(e), param=param, code=code) from None
+        if len(ids) >= m.engine.context:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens; this server gives {m.id} a context of "
+                                f"{m.engine.context} tokens", param=param, code="context_length_exceeded")
+        default = min(default, m.engine.context - len(ids))
         return ids, eos, default, messages if messages is not None else prompt, guard_verdicts
 
     async def _generate(request, key, m: Served, endpoint, body, cfg, n, seed, reqs, *, chat: bool):

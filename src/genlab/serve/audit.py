@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import DataError
+from . import open_db
 
 GENESIS = "0" * 64
 FIELDS = ("seq", "time", "key_id", "endpoint", "model", "params", "prompt_sha256", "output_sha256", "verdicts",
@@ -37,11 +38,8 @@ def _row_hash(prev: str, row: dict) -> str:
 class AuditLog:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_db(self.path, durable=True)
         self._db.execute("CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, time REAL NOT NULL, key_id TEXT, "
                          "endpoint TEXT NOT NULL, model TEXT, params TEXT NOT NULL, prompt_sha256 TEXT, "
                          "output_sha256 TEXT, verdicts TEXT NOT NULL, status INTEGER NOT NULL, prev_hash TEXT NOT NULL, "

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import ConfigError
+from . import open_db
 
 PREFIX = "gl-"
 
@@ -38,10 +38,8 @@ class KeyStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_db(self.path)
         self._db.execute("CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, name TEXT NOT NULL, hash TEXT UNIQUE "
                          "NOT NULL, created REAL NOT NULL, rate INTEGER, revoked INTEGER NOT NULL DEFAULT 0)")
         self._buckets: dict[str, tuple[float, float]] = {}  # key id -> (tokens, last time)

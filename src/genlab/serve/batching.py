@@ -49,12 +49,14 @@ class Job:
 
 
 class TextEngine:
-    def __init__(self, model, tokenizer, *, slots: int = 16, max_queue: int = 64, name: str = ""):
+    def __init__(self, model, tokenizer, *, slots: int = 16, max_queue: int = 64, name: str = "",
+                 max_len: int | None = None):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.slots, self.max_queue = slots, max_queue
         # one slot: genlab's single-stream decode loop (its fastest path at batch 1), one request at a time
         batching = slots > 1 and getattr(model, "continuous_batching", False)
-        self.decoder = BatchDecoder(model, slots) if batching else None
+        self.decoder = BatchDecoder(model, slots, max_len) if batching else None
+        self.context = self.decoder.max_len if self.decoder else model.context_size  # what one request may use
         self.waiting: deque[Job] = deque()
         self.active: list[tuple[Job, Sequence]] = []  # row r of the decoder is active[r]
         self.tokens_generated = 0
@@ -126,19 +128,31 @@ class TextEngine:
         return None
 
     def _admit(self) -> None:
-        while self.decoder.rows < self.slots and (job := self._next()) is not None:
+        """Move waiting jobs into the free rows: their prompts are prefilled together in one forward pass."""
+        joining: list[Job] = []
+        while self.decoder.rows + len(joining) < self.slots and (job := self._next()) is not None:
             if job.cfg.max_new_tokens == 0:
                 job.emit("", True, "length")
-                continue
-            seq = Sequence(job.prompt, job.cfg, self.tokenizer, job.eos, job.generator)
-            try:
-                logits = self.decoder.add(job.prompt)
-            except Exception as e:  # noqa: BLE001 - reported to its client
+            elif not 1 <= len(job.prompt) < self.decoder.max_len:
+                self._fail(job, ValueError(f"a prompt of {len(job.prompt)} tokens does not fit the context"))
+            else:
+                joining.append(job)
+        if not joining:
+            return
+        first = self.decoder.rows
+        try:
+            logits = self.decoder.add_many([job.prompt for job in joining])
+        except Exception as e:  # noqa: BLE001 - reported to their clients
+            for job in joining:
                 self._fail(job, e)
-                continue
+            return
+        done = []
+        for i, job in enumerate(joining):
+            seq = Sequence(job.prompt, job.cfg, self.tokenizer, job.eos, job.generator)
             self.active.append((job, seq))
-            if self._deliver(job, seq, seq.next_token(logits), self.decoder.rows - 1):
-                self._remove([self.decoder.rows - 1])
+            if self._deliver(job, seq, seq.next_token(logits[i]), first + i):
+                done.append(first + i)
+        self._remove(done)
 
     def _step(self) -> None:
         if not self.active:
