@@ -11,14 +11,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs one worker per core: each worker (and every `genlab` it starts) uses one thread. Two workers
-    # of two threads each on two cores make OpenMP's threads wait for each other, and tiny ops run 100x slower.
-    os.environ.setdefault("GENLAB_THREADS", "1")
-    import torch
-
-    torch.set_num_threads(int(os.environ["GENLAB_THREADS"]))
-
 
 def write_config(path: Path, *, name="tiny", family="gpt", preset="tiny", out_dir=None, data=None, model=None,
                  train=None) -> Path:
