@@ -192,7 +192,8 @@ def test_inception_fid_is_a_later_stage_without_retraining_or_resampling(work):
     d, args, env, _ = work
     out = d / "compare" / "digits"
     weights = {f: (out / "runs" / f / "model.safetensors").stat().st_mtime_ns for f in IMAGE}
-    p = run_cli(*args, "--inception", cwd=d, env=env, check=True)
+    # Inception-v3 over 5 families' samples: minutes on 2 busy cores, so a longer limit than run_cli's 300 s
+    p = run_cli(*args, "--inception", cwd=d, env=env, check=True, timeout=1200)
     assert ": trained in" not in p.stdout and ": evaluated in" not in p.stdout  # only the new stage ran
     assert {f: (out / "runs" / f / "model.safetensors").stat().st_mtime_ns for f in IMAGE} == weights
     res = json.loads((out / "results.json").read_text())
@@ -205,7 +206,7 @@ def test_inception_fid_is_a_later_stage_without_retraining_or_resampling(work):
     md = (out / "report.md").read_text()
     assert "| family | FID (domain) ↓ | KID (domain, raw) ↓ | Inception FID ↓ | Inception KID (raw) ↓ |" in md
     assert "Inception-v3" in md and "**" in md.split("## How this was measured")[0]  # the verdict names a family
-    again = run_cli(*args, "--inception", cwd=d, env=env, check=True)
+    again = run_cli(*args, "--inception", cwd=d, env=env, check=True, timeout=1200)
     assert ": Inception-v3 FID of" not in again.stdout  # measured once, then reused
 
 
