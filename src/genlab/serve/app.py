@@ -452,24 +452,23 @@ def create_app(models: list[str], *, state_dir: str | Path = "serve_state", auth
         reqs = [_text_ids(m, messages=messages, max_new=max_new)]
         return await _generate(request, key, m, "/v1/chat/completions", body, cfg, n, seed, reqs, chat=True)
 
+    def checked_input(text: str, verdicts: list, what: str) -> str:
+        """The input check of the server's guardrails (if any): the text the model may see (redacted where a check
+        says so), its verdict appended to `verdicts`; a refusal is a 400 (code content_filter), audited."""
+        if srv.guard is None:
+            return text
+        v = srv.guard.check(text, "input")
+        verdicts.append(_verdict(v))
+        if v.refused:
+            raise _refused(f"the {what} was refused by a guardrail: {_reasons(v)}", verdicts)
+        return v.text
+
     def _text_ids(m: Served, *, prompt=None, messages=None, max_new=None):
         guard_verdicts = []
-        if srv.guard is not None:  # the input check: refuse, or the model sees the redacted text
-            if messages is not None:
-                checked = []
-                for x in messages:
-                    v = srv.guard.check(x["content"], "input")
-                    guard_verdicts.append(_verdict(v))
-                    if v.refused:
-                        raise _refused(f"the prompt was refused by a guardrail: {_reasons(v)}", guard_verdicts)
-                    checked.append({**x, "content": v.text})
-                messages = checked
-            else:
-                v = srv.guard.check(prompt, "input")
-                guard_verdicts.append(_verdict(v))
-                if v.refused:
-                    raise _refused(f"the prompt was refused by a guardrail: {_reasons(v)}", guard_verdicts)
-                prompt = v.text
+        if messages is not None:
+            messages = [{**x, "content": checked_input(x["content"], guard_verdicts, "prompt")} for x in messages]
+        else:
+            prompt = checked_input(prompt, guard_verdicts, "prompt")
         param = "messages" if messages is not None else "prompt"
         try:
             ids, eos, default = api.text_request(m.run, prompt=prompt, messages=messages, max_new_tokens=max_new)
@@ -641,12 +640,7 @@ def create_app(models: list[str], *, state_dir: str | Path = "serve_state", auth
         if not question or not question.strip():
             raise ApiError(400, "a RAG model answers the last user message: there is none", param="messages")
         verdicts = []
-        if srv.guard is not None:
-            v = srv.guard.check(question, "input")
-            verdicts.append(_verdict(v))
-            if v.refused:
-                raise _refused(f"the question was refused by a guardrail: {_reasons(v)}", verdicts)
-            question = v.text
+        question = checked_input(question, verdicts, "question")
         controls = {k: v for k, v in {"max_new_tokens": _number(body, "max_tokens", int, 1, 4096),
                                       "temperature": _number(body, "temperature", float, 0, 2),
                                       "top_p": _number(body, "top_p", float, 0, 1)}.items() if v is not None}
