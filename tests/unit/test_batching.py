@@ -156,3 +156,26 @@ def test_a_sequence_samples_from_its_distribution():
         counts[seq.next_token(logits)] += 1
     want = torch.softmax(torch.cat([logits[:4] / 0.7, torch.full((2,), float("-inf"))]), dim=0)
     assert counts[4:].sum() == 0 and torch.allclose(counts / 20_000, want, atol=0.015)
+
+
+@pytest.mark.parametrize("rows", [3, 12])  # 12 rows: the compiled step's projections go through BLAS
+def test_the_compiled_ragged_step_equals_the_full_forward(rows):
+    """Llama's compiled CPU layer step (nn/kernels.cpp) with each row at its own position, against the forward."""
+    from genlab.nn.kernels import kernels
+
+    if kernels() is None:
+        pytest.skip("genlab's CPU kernels cannot be built here")
+    m = model("llama")
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 50, (10 + 2 * i,), generator=g).tolist() for i in range(rows)]
+    with torch.no_grad():
+        full = [m(torch.tensor([s]))[0] for s in seqs]
+    dec = BatchDecoder(m, slots=rows)
+    assert dec.cache.plan is not None and dec.cache.plan[-1] is not None  # the compiled step is what runs
+    dec.add_many([s[: 3 + i % 5] for i, s in enumerate(seqs)])
+    fed = [3 + i % 5 for i in range(rows)]
+    for _ in range(4):
+        logits = dec.step([s[f] for s, f in zip(seqs, fed)])
+        for r in range(rows):
+            assert torch.allclose(logits[r], full[r][fed[r]], atol=1e-4), (r, fed[r])
+            fed[r] += 1

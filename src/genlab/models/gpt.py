@@ -115,11 +115,12 @@ class GPT(NextTokenLM, nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, V). With a cache, idx continues the cached tokens."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V). With a cache, idx continues the cached tokens. `at` (B,) picks
+        one position per row: logits (B, V) of those only (a prompt's prefill needs its last)."""
         _B, T = idx.shape
         if cache is not None and cache.lens is not None:  # continuous batching: each row at its own position
-            return self._ragged_forward(idx, cache)
+            return self._head(self._ragged_forward(idx, cache), at)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.block_size}")
@@ -129,7 +130,12 @@ class GPT(NextTokenLM, nn.Module):
             x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        return self._head(x, at)  # (B, T, V), or (B, V) at `at`
+
+    def _head(self, x: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+        if at is not None:
+            x = x[torch.arange(x.size(0), device=x.device), at.to(x.device)]  # (B, C)
+        return self.lm_head(self.transformer.ln_f(x))
 
 
     def _ragged_forward(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -140,7 +146,7 @@ class GPT(NextTokenLM, nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i)
         cache.lens[: cache.rows] += 1
-        return self.lm_head(self.transformer.ln_f(x))
+        return x
 
     # -- the incremental-decode protocol used by sampling/text.py --
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -182,7 +188,7 @@ class GPT(NextTokenLM, nn.Module):
         in `new_cache`, no Module calls, attention through `decode_attention` and the head on one position."""
         plan = cache.plan
         if ids.size(1) != 1 or plan is None or self.training or cache.lens is not None:
-            return self(ids, cache)[:, -1, :]
+            return self(ids, cache, at=torch.full((ids.size(0),), ids.size(1) - 1, dtype=torch.long))
         wte, wpe, layers, lnf_w, lnf_b, lnf_eps, head, n_head, shape, approx = plan
         p = cache.pos
         if p >= wpe.size(0):

@@ -171,8 +171,10 @@ class Llama(NextTokenLM, nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, V). With a cache, idx continues the cached tokens."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, at: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, V). With a cache, idx continues the cached tokens. `at` (B,) picks
+        one position per row: logits (B, V) of those only (a prompt's prefill needs its last; the head is ~a fifth
+        of a small model's work per position)."""
         c = self.config
         T = idx.size(1)
         if cache is not None and cache.lens is not None:  # continuous batching: each row at its own position
@@ -185,7 +187,7 @@ class Llama(NextTokenLM, nn.Module):
             for i, block in enumerate(self.model.layers):
                 x = block(x, cos, sin, cache, i)
             cache.lens[: cache.rows] += 1
-            return self.lm_head(self.model.norm(x))
+            return self._head(x, at)
         start = cache.pos if cache is not None else 0
         if start + T > c.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {c.block_size}")
@@ -196,6 +198,11 @@ class Llama(NextTokenLM, nn.Module):
             x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.pos += T
+        return self._head(x, at)
+
+    def _head(self, x: torch.Tensor, at: torch.Tensor | None) -> torch.Tensor:
+        if at is not None:
+            x = x[torch.arange(x.size(0), device=x.device), at.to(x.device)]  # (B, C)
         return self.lm_head(self.model.norm(x))
 
 
@@ -257,20 +264,37 @@ class Llama(NextTokenLM, nn.Module):
         and grouped-query attention without repeating keys: the query heads of a group are one matrix product
         against their shared key/value head."""
         plan = cache.plan
-        if ids.size(1) != 1 or plan is None or self.training or cache.lens is not None:
+        B, T = ids.shape
+        compiled = plan[-1] if plan is not None and not self.training else None
+        kernel = compiled is not None and T == 1 and B <= MAX_ROWS and cache.kv.dtype == torch.float32
+        if cache.lens is not None and not kernel:  # rows at their own positions, through the modules
             return self(ids, cache)[:, -1, :]
+        if T != 1 or plan is None or self.training:
+            return self(ids, cache, at=torch.full((B,), T - 1, dtype=torch.long))
         emb, layers, norm_w, head, cos, sin, compiled = plan
-        c, p, B = self.config, cache.pos, ids.size(0)
-        if p >= c.block_size:
-            raise ValueError(f"sequence of {p + 1} tokens exceeds the context of {c.block_size}")
-        if compiled is not None and B <= MAX_ROWS and cache.kv.dtype == torch.float32:
+        c = self.config
+        if cache.lens is not None:  # continuous batching: each row at its own position
+            if B != cache.rows:
+                raise ValueError(f"{B} tokens for {cache.rows} active rows")
+            pos = cache.lens[:B].clone()
+        else:
+            pos, p = None, cache.pos
+        last = int(pos.max()) if pos is not None else p
+        if last >= min(c.block_size, cache.max_len):
+            raise ValueError(f"sequence of {last + 1} tokens exceeds the context of "
+                             f"{min(c.block_size, cache.max_len)}")
+        if kernel:
             k, ops, head_op = compiled
             x = emb(ids.reshape(-1)).float().contiguous()  # (B, C), updated in place layer by layer
-            cos, sin = cos[p], sin[p]
+            if pos is None:
+                pos = torch.full((B,), p, dtype=torch.long)
             for i, (w_in, w_post, ws, kinds, groups) in enumerate(ops):
-                k.llama_layer(x, w_in, w_post, ws, kinds, groups, cache.layers[i], p, cos, sin, c.rms_norm_eps,
+                k.llama_layer(x, w_in, w_post, ws, kinds, groups, cache.layers[i], pos, cos, sin, c.rms_norm_eps,
                               c.n_head, c.n_kv_head)
-            cache.pos = p + 1
+            if cache.lens is not None:
+                cache.lens[:B] += 1
+            else:
+                cache.pos = p + 1
             x = F.rms_norm(x, (c.n_embd,), norm_w.float(), c.rms_norm_eps)
             return head(x) if head_op is None else k.linear(x, *head_op)
         H, Hkv, D, shape, eps = c.n_head, c.n_kv_head, c.n_embd // c.n_head, (c.n_embd,), c.rms_norm_eps

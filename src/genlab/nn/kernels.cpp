@@ -244,7 +244,12 @@ static Lin make_lin(int64_t kind, const torch::Tensor& a, const torch::Tensor& b
 }
 
 static void lin_apply(const Lin& L, const float* x, float* y, int64_t M) {
-  if (L.kind == 0) blocked_mm(x, y, M, L.K, L.N, F32{L.w, L.K}, nullptr);
+  if (L.kind == 0 && M > 4 && L.N <= 8192) {  // many rows of x, a layer's weight: BLAS's packed GEMM is faster
+    const auto f = torch::TensorOptions().dtype(torch::kFloat);
+    auto out = torch::from_blob(y, {M, L.N}, f);
+    at::mm_out(out, torch::from_blob(const_cast<float*>(x), {M, L.K}, f),
+               torch::from_blob(const_cast<float*>(L.w), {L.N, L.K}, f).t());
+  } else if (L.kind == 0) blocked_mm(x, y, M, L.K, L.N, F32{L.w, L.K}, nullptr);
   else if (L.kind == 1) blocked_mm(x, y, M, L.K, L.N, I8{L.q8, L.K}, L.s);
   else int4_mm_raw(x, y, M, L.K, L.N, L.q4, L.s, L.z, L.G);
 }
@@ -287,15 +292,22 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// Row m of x is the token at position pos[m] of cache row m (rows at their own positions: continuous batching;
+// the generate loop passes the same position for every row); cos and sin are the whole (T_max, D) tables.
 void llama_layer(torch::Tensor x, torch::Tensor w_in, torch::Tensor w_post, std::vector<torch::Tensor> w,
-                 std::vector<int64_t> kinds, std::vector<int64_t> groups, torch::Tensor kv, int64_t p,
+                 std::vector<int64_t> kinds, std::vector<int64_t> groups, torch::Tensor kv, torch::Tensor pos,
                  torch::Tensor cos, torch::Tensor sin, double eps, int64_t H, int64_t Hkv) {
   TORCH_CHECK(x.dtype() == torch::kFloat && x.is_contiguous() && kv.dtype() == torch::kFloat && kv.is_contiguous());
   TORCH_CHECK(w.size() == 21 && kinds.size() == 7 && groups.size() == 7, "7 projections, 3 tensors each");
   std::vector<Lin> L;
   for (int i = 0; i < 7; ++i) L.push_back(make_lin(kinds[i], w[3 * i], w[3 * i + 1], w[3 * i + 2], groups[i]));
   const int64_t M = x.size(0), C = x.size(1), B = kv.size(1), T = kv.size(3), D = kv.size(4), I = L[4].N;
-  TORCH_CHECK(M == B && kv.size(2) == Hkv && H * D == L[0].N && Hkv * D == L[1].N && p < T && H % Hkv == 0);
+  TORCH_CHECK(M <= B && kv.size(2) == Hkv && H * D == L[0].N && Hkv * D == L[1].N && H % Hkv == 0);
+  TORCH_CHECK(pos.dtype() == torch::kLong && pos.is_contiguous() && pos.numel() == M, "one int64 position per row");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.size(1) == D && sin.sizes() == cos.sizes());
+  const int64_t* ps = pos.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(ps[m] >= 0 && ps[m] < T && ps[m] < cos.size(0), "position ", ps[m], " is past the cache");
   const float fe = static_cast<float>(eps);
   float* xp = x.data_ptr<float>();
   float* cache = kv.data_ptr<float>();
@@ -307,18 +319,18 @@ void llama_layer(torch::Tensor x, torch::Tensor w_in, torch::Tensor w_post, std:
   lin_apply(L[0], h.data(), q.data(), M);
   lin_apply(L[1], h.data(), k.data(), M);
   lin_apply(L[2], h.data(), v.data(), M);
-  for (int64_t i = 0; i < M * H; ++i) rope(q.data() + i * D, cp, sp, D);
+  for (int64_t i = 0; i < M * H; ++i) rope(q.data() + i * D, cp + ps[i / H] * D, sp + ps[i / H] * D, D);
   for (int64_t i = 0; i < M * Hkv; ++i) {  // the cache holds keys after rotation
-    rope(k.data() + i * D, cp, sp, D);
-    const int64_t b = i / Hkv, j = i % Hkv;
+    const int64_t b = i / Hkv, j = i % Hkv, p = ps[b];
+    rope(k.data() + i * D, cp + p * D, sp + p * D, D);
     std::memcpy(cache + (((0 * B + b) * Hkv + j) * T + p) * D, k.data() + i * D, D * 4);
     std::memcpy(cache + (((1 * B + b) * Hkv + j) * T + p) * D, v.data() + i * D, D * 4);
   }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, M * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> sc(p + 1);
+    std::vector<float> sc(T);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, j = (i % H) / (H / Hkv);  // the key/value head this query head shares
+      const int64_t b = i / H, j = (i % H) / (H / Hkv), p = ps[b];  // the key/value head this query head shares
       const float* kb = cache + ((0 * B + b) * Hkv + j) * T * D;
       const float* vb = cache + ((1 * B + b) * Hkv + j) * T * D;
       const float* qi = q.data() + i * D;
@@ -353,8 +365,10 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor p, torch::Tensor s, torch::
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("linear", &linear, "x @ W^T for W fp32 (kind 0), int8 + row scales (1) or int4 groups (2)");
-  m.def("int8_mm", &int8_mm, "x @ (q * s)^T, int8 weights, one scale per row");
-  m.def("int4_mm", &int4_mm, "x @ ((q - 8) * s + z)^T, int4 weights in groups");
-  m.def("llama_layer", &llama_layer, "one Llama decoder layer for one new token per row, x updated in place");
+  // Without the GIL, as PyTorch's own ops: a server's other threads (HTTP, streaming) run during a decode step.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("linear", &linear, "x @ W^T for W fp32 (kind 0), int8 + row scales (1) or int4 groups (2)", nogil);
+  m.def("int8_mm", &int8_mm, "x @ (q * s)^T, int8 weights, one scale per row", nogil);
+  m.def("int4_mm", &int4_mm, "x @ ((q - 8) * s + z)^T, int4 weights in groups", nogil);
+  m.def("llama_layer", &llama_layer, "one Llama decoder layer for one new token per row, x updated in place", nogil);
 }

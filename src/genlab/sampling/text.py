@@ -318,8 +318,7 @@ class BatchDecoder:
         self.max_len = min(model.context_size, max_len or model.context_size)  # the cache holds slots x max_len
         self.device = next(model.parameters()).device
         with torch.inference_mode():
-            self.cache = model.new_cache(slots, self.max_len)
-            self.cache.plan = None  # rows at different positions take the module path
+            self.cache = model.new_cache(slots, self.max_len)  # its plan: llama's compiled step takes ragged rows
             self.cache.kv.zero_()  # masked slots are read too (weight 0): they must not hold NaN
             self.cache.lens = torch.zeros(slots, dtype=torch.long, device=self.device)
 
@@ -364,11 +363,10 @@ class BatchDecoder:
             ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         with torch.inference_mode():
             many = self.model.new_cache(k, T)
-            logits = self.model(ids.to(self.device), many)  # (k, T, V)
-            self.cache.kv[:, :, r : r + k, :, :T] = many.kv[:, :, :, :, :T]
             n = torch.tensor(lengths, device=self.device)
+            last = self.model(ids.to(self.device), many, at=n - 1)  # (k, V): each row's last real position
+            self.cache.kv[:, :, r : r + k, :, :T] = many.kv[:, :, :, :, :T]
             self.cache.lens[r : r + k] = n
-            last = logits[torch.arange(k, device=self.device), n - 1]  # each row's last real position
         self.cache.rows = r + k
         return last
 
