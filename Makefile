@@ -9,7 +9,7 @@ DEBIAN := dataset-fashion-mnist wordnet-base perl-doc python3.11-doc chromium
 export MALLOC_MMAP_THRESHOLD_ := 33554432
 export MALLOC_TRIM_THRESHOLD_ := 1073741824
 
-.PHONY: demo test test-fast bench lint clean
+.PHONY: demo test test-slow bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -44,10 +44,10 @@ demo: $(STAMP)
 	$(BIN)/genlab demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=20 tests
 
-test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m slow --durations=20 tests
 
 bench: $(STAMP)
 	# llama.cpp (the peer of lm_pretrained.py) builds from source, ~7 min once; a native build crashes on some CPUs
