@@ -23,10 +23,12 @@ def test_quantize_a_run_and_use_it(trained_gpt, tmp_path, method, extra):
     assert (out / "model.safetensors").stat().st_size < (trained_gpt / "model.safetensors").stat().st_size / 2.5
     full, quant = api.load(trained_gpt), api.load(out)
     assert api.num_params(quant.model) == api.num_params(full.model)
-    x = torch.randint(0, full.model.config.vocab_size, (2, 30))
+    x = torch.randint(0, full.model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = full.model(x), quant.model(x)
-    assert (a - b).abs().max() < (0.05 if method == "int8" else 0.3) * a.abs().max()
+    # relative error over all the logits: a stable measure (the largest single error over the largest logit of a
+    # 30-step model varied 0.003-0.085 with the input draw); a wrong scale or layout gives ~1
+    assert (a - b).norm() < (0.02 if method == "int8" else 0.05) * a.norm()
     p = run_cli("generate", out, "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1", check=True)
     assert p.stdout.startswith("ROMEO:") and len(p.stdout) > 20
     ev_full, ev_q = api.evaluate(trained_gpt, max_tokens=2000), api.evaluate(out, max_tokens=2000)
