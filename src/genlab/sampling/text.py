@@ -332,19 +332,7 @@ class BatchDecoder:
 
     def add(self, prompt: list[int]) -> torch.Tensor:
         """Prefill `prompt` into row `rows` (which becomes active) -> the next-token logits (V,)."""
-        if self.rows >= self.slots:
-            raise RuntimeError("no free row")
-        T = len(prompt)
-        if not 1 <= T < self.max_len:
-            raise ConfigError(f"a prompt of {T} tokens must have 1 to {self.max_len - 1} tokens (the context)")
-        r = self.rows
-        with torch.inference_mode():
-            one = self.model.new_cache(1, T)
-            logits = self.model.decode(torch.tensor([prompt], dtype=torch.long, device=self.device), one)
-            self.cache.kv[:, :, r, :, :T] = one.kv[:, :, 0, :, :T]
-            self.cache.lens[r] = T
-        self.cache.rows = r + 1
-        return logits[0]
+        return self.add_many([prompt])[0]
 
     def add_many(self, prompts: list[list[int]]) -> torch.Tensor:
         """Prefill several prompts in ONE forward pass (right-padded to the longest; a row's padding comes after its
