@@ -212,12 +212,20 @@ def test_a_peft_adapter_loads_into_genlab_with_the_same_logits(tmp_path):
         assert torch.allclose(m(x), pm.eval()(x).logits, atol=1e-4)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch-ops", "compiled"])
 @pytest.mark.parametrize("p,bias", [(0.0, True), (0.0, False), (0.3, True)])
-def test_the_fused_lora_layer_matches_the_composed_layers_in_value_and_gradient(p, bias):
+def test_the_fused_lora_layer_matches_the_composed_layers_in_value_and_gradient(p, bias, compiled, monkeypatch):
     """LoRALinear's own autograd function (used to train over a frozen base) against the same maths written with
-    plain torch ops and the same dropout mask: outputs and gradients of x, A and B."""
+    plain torch ops and the same dropout mask: outputs and gradients of x, A and B; with the mask drawn by torch
+    ops and by the compiled kernels (a hash of a key from torch's generator)."""
+    from genlab.nn import lora
+    from genlab.nn.kernels import kernels
     from genlab.nn.lora import LoRALinear, dropout_mask
 
+    if compiled and kernels() is None:
+        pytest.skip("the compiled kernels are not built on this machine")
+    if not compiled:
+        monkeypatch.setattr(lora, "_dropout_kernels", lambda x: None)
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 20, bias=bias).requires_grad_(False)
     layer = LoRALinear(base, r=4, alpha=8.0, dropout=p).train()
@@ -230,7 +238,12 @@ def test_the_fused_lora_layer_matches_the_composed_layers_in_value_and_gradient(
 
     x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
     torch.manual_seed(1)
-    keep = dropout_mask(x, p) if p else torch.ones_like(x, dtype=torch.bool)
+    if not p:
+        keep = torch.ones_like(x, dtype=torch.bool)
+    elif compiled:
+        keep = kernels().lora_dropout(torch.ones(15, 12), lora.dropout_key(), p).view(3, 5, 12) != 0
+    else:
+        keep = dropout_mask(x, p)
     xd = x * keep / (1 - p)
     ref = base(x) + xd @ layer.lora_A.weight.t() @ layer.lora_B.weight.t() * layer.scaling
     ref.backward(torch.ones_like(ref) * torch.arange(20.0))
@@ -239,6 +252,32 @@ def test_the_fused_lora_layer_matches_the_composed_layers_in_value_and_gradient(
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     if p:
         assert 0.2 < 1 - keep.float().mean() < 0.4  # the mask drops about p of the inputs
+
+
+def test_the_compiled_dropout_keeps_one_minus_p_with_independent_keys():
+    """The hash mask: the kept fraction is 1 - p, two keys give independent masks, the same key the same mask,
+    and the backward's masked low-rank term equals torch's gx + keep * (gh @ a) at shapes past one 4096 block."""
+    from genlab.nn.kernels import kernels
+
+    k = kernels()
+    if k is None:
+        pytest.skip("the compiled kernels are not built on this machine")
+    ones = torch.ones(1000, 1000)
+    for p in (0.05, 0.1, 0.5):
+        a, b = k.lora_dropout(ones, 11, p) != 0, k.lora_dropout(ones, 12, p) != 0
+        assert abs(a.float().mean().item() - (1 - p)) < 2e-3
+        assert abs((~a & ~b).float().mean().item() - p * p) < 2e-3  # independent drops
+        assert torch.equal(a, k.lora_dropout(ones, 11, p) != 0)
+    assert bool((k.lora_dropout(ones, 5, 0.0) == 1).all())
+    torch.manual_seed(0)
+    x, gx, gh, a = torch.randn(37, 300), torch.randn(37, 300), torch.randn(37, 8), torch.randn(8, 300)
+    keep = k.lora_dropout(torch.ones_like(x), -7, 0.2) != 0
+    torch.testing.assert_close(k.lora_dropout(x, -7, 0.2), torch.where(keep, x, 0.0))
+    want = gx + torch.where(keep, gh @ a, 0.0)
+    k.lora_dropout_backward(gx, gh, a, -7, 0.2)
+    torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"must be in \[0, 1\)"):
+        k.lora_dropout(x, 1, 1.0)
 
 
 def test_the_dropout_mask_keeps_one_minus_p():

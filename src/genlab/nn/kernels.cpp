@@ -1,5 +1,5 @@
 // CPU kernels for decoding one token per sequence: matrix products that read fp32, int8 or int4 weights, and a
-// whole Llama layer in one call.
+// whole Llama layer in one call. And one for training: LoRA's dropout, its mask a hash (at the end).
 //
 // At M = 1..16 rows of x, y (M, N) = x (M, K) . W (N, K)^T reads the whole weight for a few rows: the time is the
 // bytes read, so int8 (1 byte per weight) and int4 (~0.6) beat fp32 (4) by what they save, if the loop keeps up
@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -359,6 +360,72 @@ void llama_layer(torch::Tensor x, torch::Tensor w_in, torch::Tensor w_post, std:
   for (int64_t i = 0; i < M * C; ++i) xp[i] += out[i];
 }
 
+// LoRA's dropout for training (nn/lora.py). The keep-mask comes from a counter-based hash, not a generator:
+// element i of a call with key (k0, k1) is kept iff mix(mix(i + k0) ^ k1) >= p * 2^32, mix being a 32-bit integer
+// hash ("lowbias32", C. Wellons 2018), as counter-based generators do (Salmon et al. 2011, Philox). The key is
+// drawn from torch's generator, so torch.manual_seed repeats a run. The backward recomputes the mask from the key
+// instead of keeping it, and forms the low-rank term gh @ A row by row, never as an (N, in) tensor.
+static inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+static inline uint32_t cut_of(double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout p=", p, " must be in [0, 1)");
+  return static_cast<uint32_t>(std::min(std::llround(p * 4294967296.0), 4294967295LL));
+}
+
+// xd = x where kept, else 0 (the caller folds 1 / (1 - p) into A).
+torch::Tensor lora_dropout(torch::Tensor x, int64_t key, double p) {
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.is_contiguous() && x.device().is_cpu(), "contiguous fp32 on a CPU");
+  TORCH_CHECK(x.numel() < (int64_t{1} << 32), "at most 2^32 elements per call");
+  const uint32_t cut = cut_of(p), k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  auto out = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, (x.numel() + 4095) / 4096, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {  // blocks of 4096 with a 32-bit counter: the loop vectorizes
+      const int64_t n = std::min<int64_t>(4096, x.numel() - c * 4096);
+      const uint32_t base = static_cast<uint32_t>(c * 4096);
+      const float* xc = xp + c * 4096;
+      float* oc = op + c * 4096;
+      for (uint32_t j = 0; j < n; ++j) oc[j] = mix32(mix32(base + j + k0) ^ k1) >= cut ? xc[j] : 0.f;
+    }
+  });
+  return out;
+}
+
+// gx (N, K) += keep * (gh (N, r) @ a (r, K)), the mask of lora_dropout(x, key, p) for x of gx's shape.
+void lora_dropout_backward(torch::Tensor gx, torch::Tensor gh, torch::Tensor a, int64_t key, double p) {
+  for (const auto* t : {&gx, &gh, &a})
+    TORCH_CHECK(t->dtype() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(), "contiguous fp32 on a CPU");
+  const int64_t N = gx.size(0), K = gx.size(1), R = a.size(0);
+  TORCH_CHECK(gx.dim() == 2 && gh.dim() == 2 && a.dim() == 2 && gh.size(0) == N && gh.size(1) == R && a.size(1) == K);
+  TORCH_CHECK(gx.numel() < (int64_t{1} << 32), "at most 2^32 elements per call");
+  const uint32_t cut = cut_of(p), k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  float* g = gx.data_ptr<float>();
+  const float *hp = gh.data_ptr<float>(), *ap = a.data_ptr<float>();
+  at::parallel_for(0, N, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<float> t(K);
+    for (int64_t n = r0; n < r1; ++n) {
+      std::fill(t.begin(), t.end(), 0.f);
+      for (int64_t q = 0; q < R; ++q) {
+        const float c = hp[n * R + q];
+        const float* aq = ap + q * K;
+        for (int64_t j = 0; j < K; ++j) t[j] += c * aq[j];
+      }
+      float* gn = g + n * K;
+      const uint32_t base = static_cast<uint32_t>(n * K);
+      for (int64_t j = 0; j < K; ++j)
+        gn[j] += mix32(mix32(base + static_cast<uint32_t>(j) + k0) ^ k1) >= cut ? t[j] : 0.f;
+    }
+  });
+}
+
 // The quantized layers' entry points (x @ dequantized(W)^T), kept by name for adapt/quantize.py.
 torch::Tensor int8_mm(torch::Tensor x, torch::Tensor q, torch::Tensor s) {
   return linear(x, 1, q, s, torch::Tensor(), 0);
@@ -374,4 +441,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_mm", &int8_mm, "x @ (q * s)^T, int8 weights, one scale per row", nogil);
   m.def("int4_mm", &int4_mm, "x @ ((q - 8) * s + z)^T, int4 weights in groups", nogil);
   m.def("llama_layer", &llama_layer, "one Llama decoder layer for one new token per row, x updated in place", nogil);
+  m.def("lora_dropout", &lora_dropout, "x where a hash of (index, key) keeps it, else 0", nogil);
+  m.def("lora_dropout_backward", &lora_dropout_backward, "gx += keep * (gh @ a), the same mask", nogil);
 }

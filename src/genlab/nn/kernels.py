@@ -1,7 +1,8 @@
-"""genlab's compiled CPU kernels for decoding (kernels.cpp): matrix products on fp32, int8 and int4 weights for a
-few rows of x, and a whole Llama layer step in one call. Built once per machine (~45 s) with PyTorch's
-extension builder into its cache, keyed by the source's hash; `kernels()` is None where they cannot be built
-(no AVX2, no C++ compiler, GENLAB_KERNELS=0): callers then use PyTorch's ops, same numbers, slower."""
+"""genlab's compiled CPU kernels (kernels.cpp): for decoding, matrix products on fp32, int8 and int4 weights for a
+few rows of x and a whole Llama layer step in one call; for LoRA training, the adapter's dropout (nn/lora.py).
+Built once per machine (~45 s) with PyTorch's extension builder into its cache, keyed by the source's hash;
+`kernels()` is None where they cannot be built (no AVX2, no C++ compiler, GENLAB_KERNELS=0): callers then use
+PyTorch's ops, same numbers (a dropout mask of the same distribution, drawn differently), slower."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def kernels():
                 os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
             src = Path(__file__).with_name("kernels.cpp")
             tag = hashlib.sha256(src.read_bytes()).hexdigest()[:10]
-            log.info("loading genlab's CPU decode kernels (built once per machine, ~45 s)")
+            log.info("loading genlab's CPU kernels (built once per machine, ~45 s)")
             mod = load(name=f"genlab_kernels_{tag}", sources=[str(src)], verbose=False,  # OpenMP: at::parallel_for
                        extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as e:  # noqa: BLE001 -- any build failure: fall back, say why once

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import ConfigError
+from .kernels import kernels
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -34,16 +35,26 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 class _LoRAFunction(torch.autograd.Function):
     """y = x W^T + b + s B A (m * x / (1 - p)) for a frozen W, with the gradients of A, B and x by hand.
 
-    The same numbers as the composed layers; faster on a CPU because the dropout mask is drawn cheaply, the
-    low-rank product is accumulated into the base output in place (addmm), and each weight gradient is taken
-    as (r x N) @ (N x d), the orientation BLAS runs several times faster than autograd's (d x N) @ (N x r)."""
+    The same numbers as the composed layers; faster on a CPU because the dropout mask is drawn cheaply (by the
+    compiled kernels where they are built: a hash of each element's index and a key from torch's generator, so the
+    backward recomputes the mask instead of keeping it), the low-rank product is accumulated into the base output
+    in place (addmm), and each weight gradient is taken as (r x N) @ (N x d), the orientation BLAS runs several
+    times faster than autograd's (d x N) @ (N x r)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling, p):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        keep = dropout_mask(x2, p) if p else None
-        xd = torch.where(keep, x2, 0.0) if p else x2
+        k = _dropout_kernels(x2) if p else None
+        keep, key = None, 0
+        if k is not None:
+            key = dropout_key()
+            xd = k.lora_dropout(x2.contiguous(), key, p)
+        elif p:
+            keep = dropout_mask(x2, p)
+            xd = torch.where(keep, x2, 0.0)
+        else:
+            xd = x2
         if p:
             a = a / (1.0 - p)  # the dropout's rescaling, folded into A
         h = xd @ a.t()  # (N, r)
@@ -51,7 +62,7 @@ class _LoRAFunction(torch.autograd.Function):
         y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
         y.addmm_(h, bs.t())
         ctx.save_for_backward(xd, h, weight, a, bs, keep)
-        ctx.p, ctx.scaling, ctx.shape = p, scaling, shape
+        ctx.p, ctx.scaling, ctx.shape, ctx.key, ctx.kernel = p, scaling, shape, key, k is not None
         return y.view(*shape[:-1], y.size(-1))
 
     @staticmethod
@@ -66,12 +77,26 @@ class _LoRAFunction(torch.autograd.Function):
             gb = (h.t() @ g).t() * ctx.scaling  # (out, r)
         if ctx.needs_input_grad[0]:
             gx = g @ weight
-            if ctx.p:
+            if ctx.kernel:
+                kernels().lora_dropout_backward(gx, gh.contiguous(), a.contiguous(), ctx.key, ctx.p)
+            elif ctx.p:
                 gx += torch.where(keep, gh @ a, 0.0)
             else:
                 gx.addmm_(gh, a)
             gx = gx.view(ctx.shape)
         return gx, None, None, ga, gb, None, None
+
+
+def dropout_key() -> int:
+    """A 64-bit key for the compiled dropout's mask, from torch's default generator (torch.manual_seed repeats it)."""
+    return int(torch.empty((), dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1))
+
+
+def _dropout_kernels(x: torch.Tensor):
+    """The compiled kernels where they take x (fp32 on a CPU, under 2^32 elements), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() >= 2 ** 32:
+        return None
+    return kernels()
 
 
 class LoRALinear(nn.Module):

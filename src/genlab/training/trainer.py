@@ -229,6 +229,8 @@ def _fit_closed_form(model, data, cfg, run_dir, callbacks) -> FitResult:
 
 def _fit_gradient(model, data, cfg: TrainConfig, run_dir, seed, resume, callbacks, write_weights=None) -> FitResult:
     model.train()
+    if next(model.parameters()).device.type == "cpu":
+        runtime.reuse_freed_memory()  # no mmap + page faults per large tensor per step
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
         raise ConfigError(f"{type(model).__name__} has no trainable parameter (all are frozen)")
