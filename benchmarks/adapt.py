@@ -54,6 +54,7 @@ def worker(engine: str, a) -> dict:
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
+    res = {"engine": engine}
     if engine.endswith("-heap"):  # peft with the allocator setting genlab's fit makes (runtime.reuse_freed_memory)
         from genlab.core.runtime import reuse_freed_memory
 
@@ -62,7 +63,6 @@ def worker(engine: str, a) -> dict:
     data = torch.load(a.batches)
     steps = len(data["train"]) if a.minutes else a.steps  # with a time budget, the clock ends the run
     train, val = data["train"][:steps], data["val"]
-    res = {"engine": engine + ("-heap" if a._worker.endswith("-heap") else "")}
     t0 = time.perf_counter()
     if engine.startswith("genlab"):
         from genlab import api

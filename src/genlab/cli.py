@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .core.errors import ConfigError, GenlabError, GuardrailRefusal
+from .core.runtime import tune_malloc as _tune_malloc  # the Makefile's malloc thresholds (DESIGN.md 8)
 from .sampling.image import image_format, read_image, save_grid
 
 log = logging.getLogger("genlab")
@@ -1284,21 +1285,6 @@ def _version() -> str:
     from . import __version__
 
     return f"genlab {__version__}"
-
-
-def _tune_malloc() -> None:
-    """glibc malloc otherwise unmaps and re-maps big tensor buffers at every step (25-30% of U-Net sampling time
-    on these CPUs): the settings the Makefile exports, applied here when the environment does not set them."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1024 * 1024 * 1024)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: its own defaults
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

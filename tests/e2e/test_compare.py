@@ -189,7 +189,6 @@ def test_rerun_reuses_and_evaluates_a_finished_run_without_retraining(work):
 
 
 @pytest.mark.slow  # ~6 min: Inception features of five families' samples on two cores
-
 def test_inception_fid_is_a_later_stage_without_retraining_or_resampling(work):
     d, args, env, _ = work
     out = d / "compare" / "digits"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 
 from .errors import ConfigError
@@ -170,30 +171,51 @@ def resolve_precision(precision: str, what: str = "train.precision") -> str:
     return precision
 
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's mallopt(param, value) for each setting; False where there is no glibc to set (its defaults stay)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        done = [libc.mallopt(param, value) for param, value in settings]  # every one, even after a refusal
+        return all(map(bool, done))
+    except (OSError, AttributeError):
+        return False
+
+
+def tune_malloc() -> None:
+    """The malloc thresholds the Makefile exports (DESIGN.md 8), applied by the CLI at start when the environment
+    does not set them: glibc otherwise unmaps and re-maps big tensor buffers at every step (25-30% of U-Net
+    sampling time on these CPUs). The threshold stops at 32 MB (glibc's cap): training goes further
+    (reuse_freed_memory)."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    _mallopt((M_MMAP_THRESHOLD, 32 * 1024 * 1024), (M_TRIM_THRESHOLD, 1024 * 1024 * 1024))
+
+
 _HEAP: list[bool] = []  # [applied], once per process
 
 
 def reuse_freed_memory() -> bool:
     """Serve every allocation from glibc's heap and keep what is freed there for the next step, instead of a fresh
-    mmap (and munmap) per large tensor. PyTorch's CPU tensors come from malloc: a training step's large ones (the
-    logits, their gradients: 100 MB for SmolLM2 at 512 tokens) are mmapped anew each step and every page faults
-    on first touch; measured on a SmolLM2 LoRA step this costs ~6-8% of it. The process's memory then stays at
-    its peak (a trained step needs it again). glibc only (elsewhere: False); GENLAB_HEAP=0 turns it off. PyTorch's
-    CPU tuning guide recommends a caching allocator (jemalloc, tcmalloc) for the same reason."""
+    mmap (and munmap) per large tensor: what `fit` does on a CPU. tune_malloc's threshold cannot go past 32 MB, and
+    a training step's largest tensors are bigger (the logits and their gradients: 100 MB for SmolLM2 at 512
+    tokens), mmapped anew each step with every page faulting on first touch; measured on a SmolLM2 LoRA step this
+    costs ~6-8% of it. The process's memory then stays at its peak (a trained step needs it again). glibc only
+    (elsewhere: False); GENLAB_HEAP=0 turns it off. PyTorch's CPU tuning guide recommends a caching allocator
+    (jemalloc, tcmalloc) for the same reason."""
     if _HEAP:
         return _HEAP[0]
     ok = False
     if os.environ.get("GENLAB_HEAP", "1") != "0":
-        import ctypes
         import platform
 
         if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-            try:
-                libc = ctypes.CDLL(None)
-                m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-                ok = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
-            except (OSError, AttributeError):
-                ok = False
+            ok = _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1))
     log.debug("allocator: freed memory kept for reuse: %s", ok)
     _HEAP.append(ok)
     return ok

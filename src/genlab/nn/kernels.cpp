@@ -404,7 +404,8 @@ void lora_dropout_backward(torch::Tensor gx, torch::Tensor gh, torch::Tensor a, 
   for (const auto* t : {&gx, &gh, &a})
     TORCH_CHECK(t->dtype() == torch::kFloat && t->is_contiguous() && t->device().is_cpu(), "contiguous fp32 on a CPU");
   const int64_t N = gx.size(0), K = gx.size(1), R = a.size(0);
-  TORCH_CHECK(gx.dim() == 2 && gh.dim() == 2 && a.dim() == 2 && gh.size(0) == N && gh.size(1) == R && a.size(1) == K);
+  TORCH_CHECK(gx.dim() == 2 && gh.dim() == 2 && a.dim() == 2 && gh.size(0) == N && gh.size(1) == R && a.size(1) == K,
+              "gx (N, K), gh (N, r) and a (r, K); got ", gx.sizes(), ", ", gh.sizes(), ", ", a.sizes());
   TORCH_CHECK(gx.numel() < (int64_t{1} << 32), "at most 2^32 elements per call");
   const uint32_t cut = cut_of(p), k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
   float* g = gx.data_ptr<float>();
